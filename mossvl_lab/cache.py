@@ -1,0 +1,160 @@
+"""Explicit, inspectable caches: text self-attention K/V, frame-segmented vision K/V, and the stream state.
+
+Both caches store GQA-shaped tensors [batch, kv_head, pos_or_vis, d_head] in growable buffers (capacity
+doubles), so appending a token or a frame never copies what is already cached except when a buffer grows,
+and never recomputes anything. Vision keys are stored already normalised and rotated; values raw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class _Growable:
+    """A [batch, kv_head, length, d_head] tensor pair that grows along the length axis."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        if self.keys is None or self.length + n > self.keys.shape[2]:
+            capacity = max(2 * (self.keys.shape[2] if self.keys is not None else 0), self.length + n, 16)
+            self.keys = self._regrow(self.keys, k, capacity)
+            self.values = self._regrow(self.values, v, capacity)
+        self.keys[:, :, self.length:self.length + n] = k
+        self.values[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.view()
+
+    def _regrow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+        new = like.new_empty(shape)
+        if old is not None:
+            new[:, :, :self.length] = old[:, :, :self.length]
+        return new
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+    def memory_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        per_step = self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return 2 * per_step * self.length
+
+
+class TextKVCache:
+    """Self-attention K/V per self-attention layer, plus which cached positions are real (not padding)."""
+
+    def __init__(self) -> None:
+        self._layers: dict[int, _Growable] = {}
+        self.key_valid: torch.Tensor | None = None  # [batch, pos] bool
+
+    @property
+    def length(self) -> int:
+        """Number of cached text positions (padding included)."""
+        return 0 if self.key_valid is None else self.key_valid.shape[1]
+
+    def extend_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """Record validity of the tokens entering this forward; valid [batch, pos] -> all [batch, key_pos]."""
+        self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
+        return self.key_valid
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [batch, kv_head, pos, d_head] -> everything cached for that layer."""
+        return self._layers.setdefault(layer_idx, _Growable()).append(k, v)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._layers[layer_idx].view()
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self._layers.values())
+
+
+@dataclass(frozen=True)
+class FrameSegment:
+    """One cached frame: where its tokens sit on the vision axis and where its placeholder sits in the text."""
+
+    frame_index: int
+    timestamp: float | None
+    position: int                 # text position of the frame's placeholder (batch item 0)
+    token_span: tuple[int, int]   # [start, end) on the vis axis
+    bytes: int                    # K + V bytes over all cross-attention layers
+
+
+class VisionKVCache:
+    """Per cross-attention layer K/V over all cached frames, as a list of frame segments."""
+
+    def __init__(self) -> None:
+        self._layers: dict[int, _Growable] = {}
+        self.segments: list[FrameSegment] = []
+        self.anchor_positions: torch.Tensor | None = None  # [batch, frame] long: placeholder positions
+        self.frame_valid: torch.Tensor | None = None       # [batch, frame] bool: False for padding media
+        self.key_valid: torch.Tensor | None = None         # [batch, vis] bool: False for padding tiles/media
+
+    @property
+    def frames(self) -> list[FrameSegment]:
+        return list(self.segments)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.segments)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.segments[-1].token_span[1] if self.segments else 0
+
+    @property
+    def has_frames(self) -> bool:
+        return bool(self.segments)
+
+    def add_frames(self, anchor_positions: torch.Tensor, frame_valid: torch.Tensor, key_valid: torch.Tensor,
+                   tokens_per_frame: int, bytes_per_token: int, timestamps: list[float | None]) -> None:
+        """Register new frames before their K/V arrive. anchor_positions, frame_valid [batch, n];
+        key_valid [batch, n * tokens_per_frame]."""
+        start = self.num_tokens
+        for i, ts in enumerate(timestamps):
+            span = (start + i * tokens_per_frame, start + (i + 1) * tokens_per_frame)
+            self.segments.append(FrameSegment(frame_index=len(self.segments), timestamp=ts,
+                                              position=int(anchor_positions[0, i]), token_span=span,
+                                              bytes=tokens_per_frame * bytes_per_token))
+        self.anchor_positions = _cat(self.anchor_positions, anchor_positions)
+        self.frame_valid = _cat(self.frame_valid, frame_valid)
+        self.key_valid = _cat(self.key_valid, key_valid)
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the newest frames' K/V for one layer; k, v [batch, kv_head, vis_new, d_head]."""
+        return self._layers.setdefault(layer_idx, _Growable()).append(k, v)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys, values of one cross-attention layer, each [batch, kv_head, vis, d_head]."""
+        return self._layers[layer_idx].view()
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self._layers.values())
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if old is None else torch.cat([old, new], dim=1)
+
+
+@dataclass
+class StreamState:
+    """Both caches, the position cursor and counters: everything a forward continues from."""
+
+    text: TextKVCache = field(default_factory=TextKVCache)
+    vision: VisionKVCache = field(default_factory=VisionKVCache)
+    next_position: torch.Tensor | None = None  # [batch] long: position id of the next real token
+    tokens_seen: int = 0
+
+    @property
+    def frames_seen(self) -> int:
+        return self.vision.num_frames
+
+    def memory_bytes(self) -> int:
+        return self.text.memory_bytes() + self.vision.memory_bytes()

@@ -1,0 +1,416 @@
+"""Frozen configuration tree for every model family.
+
+A `ModelConfig` holds one sub-config per swappable slot (text stack, vision tower, cross-attention,
+special tokens). Variants are made with `cfg.replace(...)` or `override(cfg, {"text.rope.kind": "none"})`;
+`__post_init__` only validates. JSON round-trips through `to_dict`/`from_dict`; reading a Hugging Face
+`config.json` lives in `mossvl_lab.hf_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Family = Literal["mllama", "video_preview", "moss_vl"]
+RopeKind = Literal["default", "llama3", "none", "mrope_interleaved", "mrope_chunked"]
+KeyRope = Literal["none", "frame", "thw"]
+RowMaskBranches = Literal["mlp", "both"]
+GateKind = Literal["tanh_scalar", "ones"]
+PoolMode = Literal["none", "average", "max", "bilinear"]
+IntermediateTap = Literal["layer_input", "layer_output"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or inconsistent; the message names the field."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_literal(owner: object, name: str) -> None:
+    hint = typing.get_type_hints(type(owner))[name]
+    allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+    if allowed is not None:
+        value = getattr(owner, name)
+        _require(value in allowed, f"{type(owner).__name__}.{name}={value!r}; expected one of {allowed}")
+
+
+class _Frozen:
+    """Shared helpers of every config node."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Frozen):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_literal(self, f.name)
+        self.validate()
+
+    def validate(self) -> None:
+        """Per-class checks; raise ConfigError naming the field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig(_Frozen):
+    """Rotary embedding of the text stack (also reused for cross-attention keys)."""
+
+    kind: RopeKind = "default"
+    theta: float = 10000.0
+    # llama3 frequency scaling (used only when kind == "llama3")
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    # 3-D sections in rotary pairs, (t, h, w); used only by the mrope kinds
+    mrope_section: tuple[int, ...] = (24, 20, 20)
+
+    def validate(self) -> None:
+        _require(self.theta > 0, f"RopeConfig.theta must be positive, got {self.theta}")
+        _require(self.high_freq_factor > self.low_freq_factor,
+                 "RopeConfig.high_freq_factor must exceed low_freq_factor")
+        _require(len(self.mrope_section) == 3, "RopeConfig.mrope_section needs exactly 3 entries (t, h, w)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig(_Frozen):
+    """Decoder LLM: self-attention blocks with cross-attention blocks at `cross_attention_layers`."""
+
+    vocab_size: int
+    extra_embeddings: int = 0  # embedding rows past the LM head (Mllama: 8, row vocab_size = <|image|>)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    cross_attention_layers: tuple[int, ...] = ()
+    qk_norm: bool = False  # per-head q/k RMSNorm before RoPE in self-attention (Qwen3)
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size + self.extra_embeddings
+
+    def validate(self) -> None:
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"TextConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        _require(self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+                 "TextConfig.hidden_size must divide by num_heads when head_dim is not set")
+        _require(self.d_head % 2 == 0, f"TextConfig head dim {self.d_head} must be even for RoPE")
+        bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
+        _require(not bad, f"TextConfig.cross_attention_layers {bad} outside 0..{self.num_layers - 1}")
+        _require(list(self.cross_attention_layers) == sorted(set(self.cross_attention_layers)),
+                 "TextConfig.cross_attention_layers must be sorted and unique")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossAttentionConfig(_Frozen):
+    """How text queries read the vision states."""
+
+    # none: stock Mllama; frame: MOSS-Video-Preview (keys rotated by their frame's placeholder position);
+    # thw: MOSS-VL (keys rotated by their (t, h, w) positions)
+    key_rope: KeyRope = "none"
+    k_norm_before_rope: bool = True
+    # mlp: stock Mllama, only the MLP branch is zeroed for rows that see no frame, and such rows attend
+    # uniformly to every vision key (the stock quirk, kept for parity). both: rows that see no frame get
+    # nothing from either branch (MOSS-VL; equal to skipping the layer for those rows).
+    row_mask_branches: RowMaskBranches = "mlp"
+    gate: GateKind = "tanh_scalar"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MllamaVisionConfig(_Frozen):
+    """Mllama tiled ViT (+ MOSS-Video-Preview pooling) and its linear projector."""
+
+    kind: Literal["mllama_vit"] = "mllama_vit"
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_global_layers: int = 8
+    num_heads: int = 16
+    intermediate_size: int = 5120
+    image_size: int = 560
+    patch_size: int = 14
+    num_channels: int = 3
+    max_num_tiles: int = 4
+    intermediate_layers_indices: tuple[int, ...] = (3, 7, 15, 23, 30)
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = (
+        (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+    norm_eps: float = 1e-5
+    # Which hidden state an intermediate index names. Meta's reference and transformers 4.46 (the version MOSS
+    # trained with, spec §2.3 step 7) take the *input* of local layer i; transformers >= 4.54 takes its *output*.
+    # The faithful default is the input; parity tests against a newer transformers select "layer_output".
+    intermediate_tap: IntermediateTap = "layer_input"
+    # True: no attention mask inside the tower (MOSS-Video-Preview); False: stock Mllama pad mask
+    full_attention: bool = False
+    pool_mode: PoolMode = "none"
+    pool_stride: int = 4
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile entering the tower, CLS included."""
+        return self.patches_per_side ** 2 + 1
+
+    @property
+    def pooled_per_side(self) -> int:
+        if self.pool_mode == "none":
+            return self.patches_per_side
+        if self.pool_mode == "bilinear":
+            return math.ceil(self.patches_per_side / self.pool_stride)
+        return self.patches_per_side // self.pool_stride
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Tokens per tile after pooling, CLS included (101 for the MOSS 11B setting)."""
+        return self.pooled_per_side ** 2 + 1
+
+    @property
+    def vision_output_dim(self) -> int:
+        """Width of the final state concatenated with the intermediate taps (7680 at full size)."""
+        return self.hidden_size * (1 + len(self.intermediate_layers_indices))
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        return len(self.supported_aspect_ratios)
+
+    def validate(self) -> None:
+        _require(self.image_size % self.patch_size == 0, "MllamaVisionConfig.image_size must divide by patch_size")
+        _require(self.hidden_size % self.num_heads == 0, "MllamaVisionConfig.hidden_size must divide by num_heads")
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i <= self.num_layers]
+        _require(not bad, f"MllamaVisionConfig.intermediate_layers_indices {bad} outside 0..{self.num_layers}")
+        _require(self.pool_stride >= 1, "MllamaVisionConfig.pool_stride must be >= 1")
+
+
+VisionConfig = Union[MllamaVisionConfig]
+_VISION_KINDS: dict[str, type] = {"mllama_vit": MllamaVisionConfig}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenConfig(_Frozen):
+    """Special token ids the model itself needs (the tokenizer owns the rest)."""
+
+    image_token_id: int
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    silence_token_id: int | None = None
+    response_token_id: int | None = None
+    ellipsis_token_id: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(_Frozen):
+    family: Family
+    text: TextConfig
+    vision: VisionConfig
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    tokens: TokenConfig
+
+    def validate(self) -> None:
+        t = self.tokens
+        _require(0 <= t.image_token_id < self.text.embedding_rows,
+                 f"tokens.image_token_id={t.image_token_id} outside the embedding table "
+                 f"(rows={self.text.embedding_rows})")
+        _require(self.cross_attention.key_rope != "thw" or self.text.rope.kind.startswith("mrope"),
+                 "cross_attention.key_rope='thw' needs a 3-D text rope (text.rope.kind='mrope_*')")
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Rebuild a dataclass node from plain JSON data, converting lists back to tuples."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown} for {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if hint is VisionConfig or (typing.get_origin(hint) is Union and MllamaVisionConfig in typing.get_args(hint)):
+        kind = value.get("kind") if isinstance(value, dict) else None
+        if kind not in _VISION_KINDS:
+            raise ConfigError(f"{path}.kind={kind!r}; expected one of {sorted(_VISION_KINDS)}")
+        return _build(_VISION_KINDS[kind], value, path)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return value
+    if origin is tuple and isinstance(value, list):
+        inner = typing.get_args(hint)
+        inner_hint = inner[0] if inner else Any
+        return tuple(_coerce(inner_hint, v, path) for v in value)
+    return value
+
+
+def override(cfg: ModelConfig, changes: dict[str, Any]) -> ModelConfig:
+    """Return `cfg` with dotted-path fields replaced, e.g. {"text.rope.kind": "none"}.
+
+    A whole sub-config may be replaced by a dict (rebuilt) or a config object.
+    """
+    for dotted, value in changes.items():
+        cfg = _override_one(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _override_one(node: Any, parts: list[str], value: Any, dotted: str) -> Any:
+    name = parts[0]
+    if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
+        raise ConfigError(f"override: {dotted!r} does not name a config field ({type(node).__name__} has no {name!r})")
+    if len(parts) > 1:
+        return dataclasses.replace(node, **{name: _override_one(getattr(node, name), parts[1:], value, dotted)})
+    if isinstance(value, dict):
+        value = _coerce(typing.get_type_hints(type(node))[name], value, dotted)
+    elif isinstance(value, list):
+        value = _coerce(typing.get_type_hints(type(node))[name], value, dotted)
+    return dataclasses.replace(node, **{name: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets. Each is a small named function; `presets()` lists them, `preset(name)` looks one up by exact name.
+
+_PRESETS: dict[str, Any] = {}
+
+
+def _preset(name: str):
+    def register(fn):
+        _PRESETS[name] = fn
+        return fn
+    return register
+
+
+def presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(presets())}")
+    return _PRESETS[name]()
+
+
+_LLAMA3_ROPE = RopeConfig(kind="llama3", theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
+
+# MOSS-Video-Preview cross-attention: keys rotated by their frame's placeholder position, k_norm after RoPE;
+# rows before the first frame get nothing (matches streaming inference, where such layers are skipped;
+# training let those rows attend uniformly to all frames, see spec §3.5 — set row_mask_branches="mlp" for that).
+_VIDEO_PREVIEW_CROSS = CrossAttentionConfig(key_rope="frame", k_norm_before_rope=False, row_mask_branches="both")
+
+
+def _llama_tokens(vocab_size: int, silence: bool) -> TokenConfig:
+    """Llama-3 ids when the vocabulary is the real one; for tiny vocabularies the same roles at small ids."""
+    if vocab_size == 128256:
+        return TokenConfig(image_token_id=128256, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+                           pad_token_id=128004, silence_token_id=128011 if silence else None,
+                           ellipsis_token_id=128012 if silence else None)
+    return TokenConfig(image_token_id=vocab_size, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
+                       silence_token_id=3 if silence else None, ellipsis_token_id=4 if silence else None)
+
+
+def _tiny_vision(**changes: Any) -> MllamaVisionConfig:
+    base = MllamaVisionConfig(hidden_size=32, num_layers=4, num_global_layers=2, num_heads=4, intermediate_size=64,
+                              image_size=56, patch_size=7, max_num_tiles=4, intermediate_layers_indices=(1, 3),
+                              norm_eps=1e-5)
+    return base.replace(**changes)
+
+
+def _tiny_text(**changes: Any) -> TextConfig:
+    base = TextConfig(vocab_size=512, extra_embeddings=8, hidden_size=64, num_layers=5, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, rms_norm_eps=1e-5,
+                      rope=_LLAMA3_ROPE.replace(original_max_position_embeddings=256),
+                      cross_attention_layers=(1, 3), max_position_embeddings=4096)
+    return base.replace(**changes)
+
+
+@_preset("mllama-tiny")
+def _mllama_tiny() -> ModelConfig:
+    """Vanilla Llama-3.2-Vision at toy size: the parity target for transformers' Mllama."""
+    return ModelConfig(family="mllama", text=_tiny_text(), vision=_tiny_vision(),
+                       cross_attention=CrossAttentionConfig(), tokens=_llama_tokens(512, silence=False))
+
+
+@_preset("video-preview-tiny")
+def _video_preview_tiny() -> ModelConfig:
+    """MOSS-Video-Preview at toy size: 1 tile/frame, full vision attention, 2-D average pooling 8x8 -> 4x4 (+CLS)."""
+    return ModelConfig(family="video_preview", text=_tiny_text(),
+                       vision=_tiny_vision(max_num_tiles=1, full_attention=True, pool_mode="average", pool_stride=2),
+                       cross_attention=_VIDEO_PREVIEW_CROSS, tokens=_llama_tokens(512, silence=True))
+
+
+@_preset("video-preview-small")
+def _video_preview_small() -> ModelConfig:
+    """A few tens of millions of parameters: big enough for timing, small enough for a 2-core CPU."""
+    vision = MllamaVisionConfig(hidden_size=256, num_layers=6, num_global_layers=2, num_heads=4, intermediate_size=1024,
+                                image_size=224, patch_size=14, max_num_tiles=1, intermediate_layers_indices=(1, 3, 5),
+                                full_attention=True, pool_mode="average", pool_stride=4)
+    text = TextConfig(vocab_size=8192, extra_embeddings=8, hidden_size=512, num_layers=10, num_heads=8,
+                      num_kv_heads=2, intermediate_size=1536, rope=_LLAMA3_ROPE, cross_attention_layers=(2, 6),
+                      max_position_embeddings=32768)
+    return ModelConfig(family="video_preview", text=text, vision=vision, cross_attention=_VIDEO_PREVIEW_CROSS,
+                       tokens=_llama_tokens(8192, silence=True))
+
+
+def _llama_11b_text() -> TextConfig:
+    return TextConfig(vocab_size=128256, extra_embeddings=8, hidden_size=4096, num_layers=40, num_heads=32,
+                      num_kv_heads=8, intermediate_size=14336, rms_norm_eps=1e-5, rope=_LLAMA3_ROPE,
+                      cross_attention_layers=(3, 8, 13, 18, 23, 28, 33, 38), max_position_embeddings=131072)
+
+
+@_preset("mllama-11b")
+def _mllama_11b() -> ModelConfig:
+    """Llama-3.2-11B-Vision shapes (stock tiles, masks and cross-attention)."""
+    return ModelConfig(family="mllama", text=_llama_11b_text(), vision=MllamaVisionConfig(),
+                       cross_attention=CrossAttentionConfig(), tokens=_llama_tokens(128256, silence=False))
+
+
+@_preset("moss-video-preview-11b")
+def _moss_video_preview_11b() -> ModelConfig:
+    """MOSS-Video-Preview (spec §1–§3): Llama-3.2-11B-Vision with 1 tile, full ViT attention, avg-pool 4, key RoPE."""
+    vision = MllamaVisionConfig(max_num_tiles=4, full_attention=True, pool_mode="average", pool_stride=4)
+    return ModelConfig(family="video_preview", text=_llama_11b_text(), vision=vision,
+                       cross_attention=_VIDEO_PREVIEW_CROSS, tokens=_llama_tokens(128256, silence=True))

@@ -1,0 +1,1 @@
+"""Token selection and generation loops (offline queue APIs arrive with the media issue)."""

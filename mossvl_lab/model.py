@@ -1,0 +1,281 @@
+"""MossModel: vision tower -> cross-attention states -> decoder -> logits.
+
+Read top to bottom to follow a whole forward pass: `forward` embeds the new tokens, places them in
+position space, encodes any new frames once and registers them in the vision cache, decides which
+frames each query row sees, runs the block list (skipping cross-attention blocks while no frame exists),
+and projects to the vocabulary. All streaming bookkeeping lives in the `StreamState` passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hooks as hooklib
+from .cache import StreamState
+from .components import vision as _vision  # noqa: F401  (registers the vision towers)
+from .components.decoder import CrossAttnBlock, DecoderContext, SelfAttnBlock
+from .components.norms import RMSNorm
+from .components.rope import Rotation, build_rope
+from .config import ModelConfig
+from .registry import build
+from .visibility import (ModelInputError, causal_allowed, check_no_stray_placeholders, cursor_positions,
+                         expand_to_tokens, frame_visibility_from_anchors, mllama_cross_mask, placeholder_anchors)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                # [batch, pos, vocab]
+    loss: torch.Tensor | None = None    # scalar, when labels were given
+    state: StreamState | None = None    # the caches after this forward (when use_cache)
+
+
+class MossModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        text = cfg.text
+        self.vision = build("vision", cfg.vision.kind, cfg.vision, text.hidden_size)
+        self.embed_tokens = nn.Embedding(text.embedding_rows, text.hidden_size)
+        self.blocks = nn.ModuleList(
+            CrossAttnBlock(text, cfg.cross_attention, i) if i in text.cross_attention_layers else SelfAttnBlock(text, i)
+            for i in range(text.num_layers))
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        if text.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = build_rope(text.d_head, text.rope)
+        self.hook_embed = hooklib.HookPoint()     # [batch, pos, d_model]
+        self.hook_logits = hooklib.HookPoint()    # [batch, pos, vocab]
+        self._hook_points = hooklib.name_hook_points(self, _public_hook_name(cfg))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                aspect_ratio_ids: torch.Tensor | None = None, aspect_ratio_mask: torch.Tensor | None = None,
+                cross_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, vision_position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                state: StreamState | None = None, use_cache: bool | None = None,
+                frame_timestamps: list[float | None] | None = None,
+                vision_chunked_length: int | None = None) -> ModelOutput:
+        """Run the new tokens (and new frames) on top of `state`.
+
+        input_ids [batch, pos]; pixel_values [batch, frame, tile, channel, H, W] (Mllama processor layout);
+        aspect_ratio_ids [batch, frame]; aspect_ratio_mask [batch, frame, tile];
+        cross_attention_mask [batch, text_pos, frame, tile] (1 = attend; default: each token sees the frames
+        whose placeholder is at or before it); attention_mask [batch, pos] or [batch, past + pos] (1 = real);
+        position_ids [batch, pos] (default: continue the state's cursor, padding does not advance it);
+        vision_position_ids [batch, frame] placeholder positions of the new frames (default: found in the text).
+        With `state` (or use_cache=True) the caches are extended in place and returned in the output.
+        """
+        x, ids = self._embed(input_ids, inputs_embeds)
+        batch, seq = x.shape[:2]
+        if state is None:
+            state = StreamState()
+            use_cache = bool(use_cache)
+        else:
+            use_cache = True if use_cache is None else use_cache
+        past = state.text.length
+
+        valid = self._token_validity(attention_mask, batch, seq, past, x.device)
+        start = state.next_position if state.next_position is not None else x.new_zeros(batch, dtype=torch.long)
+        positions = position_ids if position_ids is not None else cursor_positions(start, valid)
+        state.next_position = torch.maximum(start, positions.masked_fill(~valid, -1).max(-1).values + 1)
+        state.tokens_seen += seq
+        self_allowed = causal_allowed(state.text.extend_valid(valid), past)
+        rotation = self.rope(positions) if self.rope is not None else None
+
+        new_vision, new_rotation = None, None
+        if pixel_values is not None:
+            new_vision, new_rotation = self._add_frames(
+                state, ids, positions, pixel_values, aspect_ratio_ids, aspect_ratio_mask, vision_position_ids,
+                frame_timestamps, vision_chunked_length)
+        elif ids is not None:
+            check_no_stray_placeholders(ids, self.config.tokens.image_token_id)
+
+        cross_allowed = frame_visibility = row_mask = None
+        if state.vision.has_frames:
+            cross_allowed, frame_visibility = self._visibility(state, positions, cross_attention_mask, past, seq)
+            row_mask = cross_allowed.any(-1)
+
+        ctx = DecoderContext(rotation=rotation, self_allowed=self_allowed, text_cache=state.text,
+                             vision_cache=state.vision, new_vision=new_vision, new_vision_rotation=new_rotation,
+                             cross_allowed=cross_allowed, frame_visibility=frame_visibility, row_mask=row_mask)
+        x = self.hook_embed(x)
+        for block in self.blocks:
+            if block.kind == "cross" and not state.vision.has_frames:
+                continue  # no frame anywhere yet: the layer is the identity (pure-text path)
+            x = block(x, ctx)
+        logits = self.hook_logits(self.lm_head(self.norm(x)))
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss, state=state if use_cache else None)
+
+    # ------------------------------------------------------------------ pieces of forward
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ModelInputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            return inputs_embeds, None
+        if input_ids.dim() != 2:
+            raise ModelInputError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+        rows = self.embed_tokens.num_embeddings
+        if input_ids.numel() and (int(input_ids.max()) >= rows or int(input_ids.min()) < 0):
+            raise ModelInputError(f"input_ids outside the embedding table (0..{rows - 1}): "
+                                  f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        return self.embed_tokens(input_ids), input_ids
+
+    @staticmethod
+    def _token_validity(attention_mask, batch: int, seq: int, past: int, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if attention_mask.shape[-1] == past + seq:
+            attention_mask = attention_mask[:, past:]
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ModelInputError(f"attention_mask must be [batch, pos] or [batch, past + pos]; got "
+                                  f"{tuple(attention_mask.shape)} for {seq} new tokens after {past} cached")
+        return attention_mask.bool()
+
+    def encode_frames(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None,
+                      aspect_ratio_mask: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
+        """pixel_values [batch, frame, tile, channel, H, W] -> [batch, frame, vis_per_frame, d_model].
+
+        `chunk` bounds how many frames the tower sees at once (memory only; outputs are identical).
+        """
+        if pixel_values.dim() != 6:
+            raise ModelInputError(f"pixel_values must be [batch, frame, tile, channel, height, width] (6-D); got "
+                                  f"{pixel_values.dim()}-D shape {tuple(pixel_values.shape)}")
+        batch, frames, tiles = pixel_values.shape[:3]
+        if aspect_ratio_ids is None:
+            aspect_ratio_ids = torch.ones(batch, frames, dtype=torch.long, device=pixel_values.device)
+        if aspect_ratio_mask is None:
+            aspect_ratio_mask = torch.ones(batch, frames, tiles, dtype=torch.long, device=pixel_values.device)
+        pixel_values = pixel_values.to(self.embed_tokens.weight.dtype)
+        step = chunk or frames
+        parts = [self.vision(pixel_values[:, i:i + step], aspect_ratio_ids[:, i:i + step],
+                             aspect_ratio_mask[:, i:i + step]) for i in range(0, frames, step)]
+        return torch.cat(parts, dim=1)
+
+    def _add_frames(self, state, ids, positions, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                    vision_position_ids, frame_timestamps, chunk) -> tuple[torch.Tensor, Rotation | None]:
+        frames = self.encode_frames(pixel_values, aspect_ratio_ids, aspect_ratio_mask, chunk)
+        batch, count, per_frame = frames.shape[:3]
+        tiles = pixel_values.shape[2]
+        frame_valid = (aspect_ratio_ids > 0) if aspect_ratio_ids is not None else \
+            torch.ones(batch, count, dtype=torch.bool, device=frames.device)
+        tile_valid = aspect_ratio_mask.bool() if aspect_ratio_mask is not None else \
+            torch.ones(batch, count, tiles, dtype=torch.bool, device=frames.device)
+        key_valid = (tile_valid & frame_valid[..., None]).repeat_interleave(per_frame // tiles, dim=2).flatten(1)
+        if vision_position_ids is not None:
+            anchors = vision_position_ids.to(torch.long)
+        elif ids is not None:
+            anchors = placeholder_anchors(ids, positions, self.config.tokens.image_token_id, frame_valid)
+        else:
+            raise ModelInputError("with inputs_embeds and pixel_values, pass vision_position_ids (placeholder "
+                                  "position of each frame)")
+        timestamps = list(frame_timestamps) if frame_timestamps is not None else [None] * count
+        if len(timestamps) != count:
+            raise ModelInputError(f"frame_timestamps has {len(timestamps)} entries for {count} frames")
+        kv = self.config.text
+        bytes_per_token = (2 * kv.num_kv_heads * kv.d_head * frames.element_size()
+                           * len(kv.cross_attention_layers))
+        state.vision.add_frames(anchors, frame_valid, key_valid, per_frame, bytes_per_token, timestamps)
+        rotation = None
+        if self.config.cross_attention.key_rope == "frame" and self.rope is not None:
+            # every token of frame j shares frame j's placeholder position (spec §3.4 step 4)
+            rotation = self.rope(anchors.clamp(max=torch.iinfo(torch.int32).max))
+            rotation = Rotation(rotation.cos.repeat_interleave(per_frame, dim=1),
+                                rotation.sin.repeat_interleave(per_frame, dim=1))
+        return frames.flatten(1, 2), rotation
+
+    def _visibility(self, state: StreamState, positions, cross_attention_mask, past: int, seq: int):
+        vision = state.vision
+        if cross_attention_mask is not None:
+            tiles = cross_attention_mask.shape[-1]
+            per_tile = vision.segments[0].token_span[1] // tiles if vision.segments else 0
+            return mllama_cross_mask(cross_attention_mask, past, seq, per_tile, vision.num_tokens)
+        frame_visibility = frame_visibility_from_anchors(vision.anchor_positions, vision.frame_valid, positions)
+        per_frame = vision.segments[0].token_span[1] - vision.segments[0].token_span[0]
+        allowed = expand_to_tokens(frame_visibility, per_frame) & vision.key_valid[:, None, :]
+        return allowed, frame_visibility
+
+    # ------------------------------------------------------------------ generation and hooks
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Autoregressive generation with both caches; returns [batch, prompt + new] (see generation.decode)."""
+        from .generation.decode import generate
+        return generate(self, input_ids, **kwargs)
+
+    def hook_names(self) -> list[str]:
+        return list(self._hook_points)
+
+    @contextlib.contextmanager
+    def hooks(self, pairs: Iterable[tuple[Any, hooklib.HookFn]]) -> Iterator["MossModel"]:
+        """Attach `(name or filter, fn)` hooks for the block; they are removed on exit, also on errors."""
+        with hooklib.attach(self._hook_points, pairs):
+            yield self
+
+    def run_with_cache(self, names_filter: Any = None, device: str | None = None,
+                       **inputs: Any) -> tuple[ModelOutput, hooklib.ActivationCache]:
+        """Forward once recording the selected hook activations (default: all)."""
+        store: dict[str, torch.Tensor] = {}
+        with self.hooks(hooklib.recording_hooks(self._hook_points, names_filter, device, store)):
+            out = self(**inputs)
+        return out, hooklib.ActivationCache(store)
+
+    def rebuild_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (rotary tables), e.g. after materialising a meta-built model."""
+        rope = build_rope(self.config.text.d_head, self.config.text.rope)
+        self.rope = rope.to(device) if rope is not None else None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy in fp32; labels -100 are ignored. logits [batch, pos, vocab]; labels [batch, pos]."""
+    shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _public_hook_name(cfg: ModelConfig):
+    """Module path -> public hook name (TransformerLens habits: `attn`, one `vision.blocks` numbering)."""
+    local_layers = getattr(cfg.vision, "num_layers", 0)
+
+    def rename(path: str) -> str:
+        path = re.sub(r"^blocks\.(\d+)\.self_attn\.", r"blocks.\1.attn.", path)
+        path = re.sub(r"^vision\.transformer\.layers\.(\d+)\.", r"vision.blocks.\1.", path)
+        return re.sub(r"^vision\.global_transformer\.layers\.(\d+)\.",
+                      lambda m: f"vision.blocks.{local_layers + int(m.group(1))}.", path)
+
+    return rename
+
+
+def init_text_weights(model: MossModel, std: float = 0.02) -> None:
+    """Normal(0, std) for text linears and embeddings (Llama practice); norms stay at one, gates at zero."""
+    for module in [model.embed_tokens, model.lm_head, *model.blocks]:
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(sub.weight, mean=0.0, std=std)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> MossModel:
+    """A randomly initialised model. device="meta" builds shapes only (for manifests and big presets)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = MossModel(cfg)
+    if str(device) != "meta":
+        init_text_weights(model)
+    if dtype is not None:
+        model = model.to(dtype)
+        if model.rope is not None:
+            model.rope.inv_freq = model.rope.inv_freq.float()  # rotary tables stay fp32
+    return model
