@@ -38,6 +38,9 @@ class _Growable:
             new[:, :, :self.length] = old[:, :, :self.length]
         return new
 
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
@@ -74,6 +77,17 @@ class TextKVCache:
 
     def memory_bytes(self) -> int:
         return sum(layer.memory_bytes() for layer in self._layers.values())
+
+    def mark(self) -> dict:
+        return {"layers": {i: g.length for i, g in self._layers.items()}, "key_valid": self.key_valid}
+
+    def restore(self, mark: dict) -> None:
+        for i, layer in list(self._layers.items()):
+            if i in mark["layers"]:
+                layer.truncate(mark["layers"][i])
+            else:
+                del self._layers[i]
+        self.key_valid = mark["key_valid"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,19 @@ class VisionKVCache:
     def memory_bytes(self) -> int:
         return sum(layer.memory_bytes() for layer in self._layers.values())
 
+    def mark(self) -> dict:
+        return {"layers": {i: g.length for i, g in self._layers.items()}, "segments": len(self.segments),
+                "tensors": (self.anchor_positions, self.frame_valid, self.key_valid)}
+
+    def restore(self, mark: dict) -> None:
+        for i, layer in list(self._layers.items()):
+            if i in mark["layers"]:
+                layer.truncate(mark["layers"][i])
+            else:
+                del self._layers[i]
+        del self.segments[mark["segments"]:]
+        self.anchor_positions, self.frame_valid, self.key_valid = mark["tensors"]
+
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=1)
@@ -158,3 +185,13 @@ class StreamState:
 
     def memory_bytes(self) -> int:
         return self.text.memory_bytes() + self.vision.memory_bytes()
+
+    def mark(self) -> dict:
+        """Sizes of everything a forward may extend; `restore` rolls back to them."""
+        return {"text": self.text.mark(), "vision": self.vision.mark(), "next_position": self.next_position,
+                "tokens_seen": self.tokens_seen}
+
+    def restore(self, mark: dict) -> None:
+        self.text.restore(mark["text"])
+        self.vision.restore(mark["vision"])
+        self.next_position, self.tokens_seen = mark["next_position"], mark["tokens_seen"]

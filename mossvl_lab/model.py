@@ -79,13 +79,27 @@ class MossModel(nn.Module):
         vision_position_ids [batch, frame] placeholder positions of the new frames (default: found in the text).
         With `state` (or use_cache=True) the caches are extended in place and returned in the output.
         """
-        x, ids = self._embed(input_ids, inputs_embeds)
-        batch, seq = x.shape[:2]
         if state is None:
             state = StreamState()
             use_cache = bool(use_cache)
         else:
             use_cache = True if use_cache is None else use_cache
+        mark = state.mark()
+        try:
+            logits = self._forward(state, input_ids, inputs_embeds, pixel_values, aspect_ratio_ids,
+                                   aspect_ratio_mask, cross_attention_mask, attention_mask, position_ids,
+                                   vision_position_ids, frame_timestamps, vision_chunked_length)
+        except BaseException:
+            state.restore(mark)  # a rejected step (bad input, a raising hook) leaves the caches as they were
+            raise
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss, state=state if use_cache else None)
+
+    def _forward(self, state, input_ids, inputs_embeds, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                 cross_attention_mask, attention_mask, position_ids, vision_position_ids, frame_timestamps,
+                 vision_chunked_length) -> torch.Tensor:
+        x, ids = self._embed(input_ids, inputs_embeds)
+        batch, seq = x.shape[:2]
         past = state.text.length
 
         valid = self._token_validity(attention_mask, batch, seq, past, x.device)
@@ -117,9 +131,7 @@ class MossModel(nn.Module):
             if block.kind == "cross" and not state.vision.has_frames:
                 continue  # no frame anywhere yet: the layer is the identity (pure-text path)
             x = block(x, ctx)
-        logits = self.hook_logits(self.lm_head(self.norm(x)))
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return ModelOutput(logits=logits, loss=loss, state=state if use_cache else None)
+        return self.hook_logits(self.lm_head(self.norm(x)))
 
     # ------------------------------------------------------------------ pieces of forward
 
