@@ -204,8 +204,11 @@ class MllamaVisionConfig(_Frozen):
     def validate(self) -> None:
         _require(self.image_size % self.patch_size == 0, "MllamaVisionConfig.image_size must divide by patch_size")
         _require(self.hidden_size % self.num_heads == 0, "MllamaVisionConfig.hidden_size must divide by num_heads")
-        bad = [i for i in self.intermediate_layers_indices if not 0 <= i <= self.num_layers]
-        _require(not bad, f"MllamaVisionConfig.intermediate_layers_indices {bad} outside 0..{self.num_layers}")
+        # "layer_input" may name the final local output as index num_layers; "layer_output" stops one earlier
+        top = self.num_layers if self.intermediate_tap == "layer_input" else self.num_layers - 1
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i <= top]
+        _require(not bad, f"MllamaVisionConfig.intermediate_layers_indices {bad} outside 0..{top} "
+                          f"for intermediate_tap={self.intermediate_tap!r}")
         _require(self.pool_stride >= 1, "MllamaVisionConfig.pool_stride must be >= 1")
 
 
