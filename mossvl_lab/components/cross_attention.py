@@ -8,7 +8,6 @@ queries read them under a frame-prefix visibility mask. Variation between famili
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import CrossAttentionConfig
 from ..hooks import HookPoint
