@@ -215,8 +215,61 @@ class MllamaVisionConfig(_Frozen):
                               f"max_num_tiles={self.max_num_tiles} tiles")
 
 
-VisionConfig = Union[MllamaVisionConfig]
-_VISION_KINDS: dict[str, type] = {"mllama_vit": MllamaVisionConfig}
+@dataclass(frozen=True, kw_only=True)
+class MossVisionConfig(_Frozen):
+    """MOSS-VL's SigLIP2-style tower (spec moss-vl §2): patch 16, learned 48x48 position grid, 2-D RoPE,
+    attention confined to each frame, deepstack taps, 2x2 merger MLP, learned separator after every frame."""
+
+    kind: Literal["moss_vit"] = "moss_vit"
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 1
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    separator: bool = True  # a learned token appended after every frame's merged tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def position_grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch vector (channel x temporal x patch x patch = 768)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_factor(self) -> int:
+        """Pixels per merged token along each side (32 at full size): the smart-resize factor."""
+        return self.patch_size * self.spatial_merge_size
+
+    @property
+    def merger_input_dim(self) -> int:
+        """(final + taps) x hidden x merge window (18432 at full size)."""
+        return (1 + len(self.deepstack_visual_indexes)) * self.hidden_size * self.spatial_merge_size ** 2
+
+    def validate(self) -> None:
+        _require(self.hidden_size % self.num_heads == 0, "MossVisionConfig.hidden_size must divide by num_heads")
+        _require(self.head_dim % 4 == 0, "MossVisionConfig head_dim must divide by 4 (2-D RoPE over rows and cols)")
+        _require(self.position_grid_side ** 2 == self.num_position_embeddings,
+                 "MossVisionConfig.num_position_embeddings must be a square (a learned grid)")
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        _require(not bad, f"MossVisionConfig.deepstack_visual_indexes {bad} outside 0..{self.depth - 1}")
+        _require(self.temporal_patch_size == 1, "MossVisionConfig.temporal_patch_size must be 1 (as published)")
+
+
+VisionConfig = Union[MllamaVisionConfig, MossVisionConfig]
+_VISION_KINDS: dict[str, type] = {"mllama_vit": MllamaVisionConfig, "moss_vit": MossVisionConfig}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,13 +32,17 @@ VIDEO_PREVIEW_CROSS = CrossAttentionConfig(key_rope="frame", k_norm_before_rope=
 
 
 def _llama_tokens(vocab_size: int, silence: bool) -> TokenConfig:
-    """Llama-3 ids when the vocabulary is the real one; for tiny vocabularies the same roles at small ids."""
+    """Llama-3 ids for the real vocabulary. Small vocabularies mirror its layout: ordinary tokens first,
+    the special tokens in the top 16 ids (begin, end, pad, headers, eot, silence, ellipsis, video, in that
+    order, the rest free for the tokenizer), and <|image|> in the extra embedding row past the LM head."""
     if vocab_size == 128256:
         return TokenConfig(image_token_id=128256, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
                            pad_token_id=128004, silence_token_id=128011 if silence else None,
                            ellipsis_token_id=128012 if silence else None)
-    return TokenConfig(image_token_id=vocab_size, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
-                       silence_token_id=3 if silence else None, ellipsis_token_id=4 if silence else None)
+    top = vocab_size - 16
+    return TokenConfig(image_token_id=vocab_size, bos_token_id=top, eos_token_ids=(top + 1, top + 5),
+                       pad_token_id=top + 2, silence_token_id=top + 6 if silence else None,
+                       ellipsis_token_id=top + 7 if silence else None)
 
 
 def _tiny_vision(**changes: Any) -> MllamaVisionConfig:
