@@ -109,7 +109,8 @@ class VisionKVCache:
         self.segments: list[FrameSegment] = []
         self.anchor_positions: torch.Tensor | None = None  # [batch, frame] long: placeholder positions
         self.frame_valid: torch.Tensor | None = None       # [batch, frame] bool: False for padding media
-        self.key_valid: torch.Tensor | None = None         # [batch, vis] bool: False for padding tiles/media
+        self.key_frame: torch.Tensor | None = None         # [batch, vis] long: frame of each key, -1 = padding
+        self.num_tokens = 0                                # length of the vis axis (padding included)
 
     @property
     def frames(self) -> list[FrameSegment]:
@@ -120,26 +121,25 @@ class VisionKVCache:
         return len(self.segments)
 
     @property
-    def num_tokens(self) -> int:
-        return self.segments[-1].token_span[1] if self.segments else 0
-
-    @property
     def has_frames(self) -> bool:
         return bool(self.segments)
 
-    def add_frames(self, anchor_positions: torch.Tensor, frame_valid: torch.Tensor, key_valid: torch.Tensor,
-                   tokens_per_frame: int, bytes_per_token: int, timestamps: list[float | None]) -> None:
+    def add_frames(self, anchor_positions: torch.Tensor, frame_valid: torch.Tensor, key_frame: torch.Tensor,
+                   frame_tokens: list[int], bytes_per_token: int, timestamps: list[float | None]) -> None:
         """Register new frames before their K/V arrive. anchor_positions, frame_valid [batch, n];
-        key_valid [batch, n * tokens_per_frame]."""
-        start = self.num_tokens
+        key_frame [batch, vis_new] index among the new frames (-1 padding); frame_tokens: vis slots of each
+        new frame in batch item 0's layout (its segments)."""
+        start, first = self.num_tokens, self.num_frames
         for i, ts in enumerate(timestamps):
-            span = (start + i * tokens_per_frame, start + (i + 1) * tokens_per_frame)
-            self.segments.append(FrameSegment(frame_index=len(self.segments), timestamp=ts,
+            span = (start, start + frame_tokens[i])
+            start = span[1]
+            self.segments.append(FrameSegment(frame_index=first + i, timestamp=ts,
                                               position=int(anchor_positions[0, i]), token_span=span,
-                                              bytes=tokens_per_frame * bytes_per_token))
+                                              bytes=frame_tokens[i] * bytes_per_token))
+        self.num_tokens += key_frame.shape[1]
         self.anchor_positions = _cat(self.anchor_positions, anchor_positions)
         self.frame_valid = _cat(self.frame_valid, frame_valid)
-        self.key_valid = _cat(self.key_valid, key_valid)
+        self.key_frame = _cat(self.key_frame, torch.where(key_frame >= 0, key_frame + first, key_frame))
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the newest frames' K/V for one layer; k, v [batch, kv_head, vis_new, d_head]."""
@@ -154,7 +154,7 @@ class VisionKVCache:
 
     def mark(self) -> dict:
         return {"layers": {i: g.length for i, g in self._layers.items()}, "segments": len(self.segments),
-                "tensors": (self.anchor_positions, self.frame_valid, self.key_valid)}
+                "num_tokens": self.num_tokens, "tensors": (self.anchor_positions, self.frame_valid, self.key_frame)}
 
     def restore(self, mark: dict) -> None:
         for i, layer in list(self._layers.items()):
@@ -163,7 +163,8 @@ class VisionKVCache:
             else:
                 del self._layers[i]
         del self.segments[mark["segments"]:]
-        self.anchor_positions, self.frame_valid, self.key_valid = mark["tensors"]
+        self.num_tokens = mark["num_tokens"]
+        self.anchor_positions, self.frame_valid, self.key_frame = mark["tensors"]
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,12 @@ class StreamState:
     vision: VisionKVCache = field(default_factory=VisionKVCache)
     next_position: torch.Tensor | None = None  # [batch] long: position id of the next real token
     tokens_seen: int = 0
+
+    @property
+    def rope_delta(self) -> torch.Tensor | None:
+        """[batch] offset between the position cursor and the text cache length (MOSS-VL's rope delta:
+        frames consume more positions than tokens). Decode token i gets position i + rope_delta."""
+        return None if self.next_position is None else self.next_position - self.text.length
 
     @property
     def frames_seen(self) -> int:

@@ -27,8 +27,10 @@ from .components.norms import RMSNorm
 from .components.rope import Rotation, build_rope
 from .config import ModelConfig
 from .registry import build
+from .frames import NewFrames, encode_new_frames
 from .visibility import (ModelInputError, causal_allowed, check_no_stray_placeholders, cursor_positions,
-                         expand_to_tokens, frame_visibility_from_anchors, mllama_cross_mask, placeholder_anchors)
+                         frame_visibility_from_anchors, keys_from_frames, mllama_cross_mask, moss_cross_mask,
+                         placeholder_anchors, placeholder_slots, placeholder_widths)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class MossModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 aspect_ratio_ids: torch.Tensor | None = None, aspect_ratio_mask: torch.Tensor | None = None,
                 cross_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, vision_position_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, grid_thw: torch.Tensor | None = None,
+                media_nums_per_sample: list[int] | None = None, vision_position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 state: StreamState | None = None, use_cache: bool | None = None,
                 frame_timestamps: list[float | None] | None = None,
@@ -76,6 +79,8 @@ class MossModel(nn.Module):
         cross_attention_mask [batch, text_pos, frame, tile] (1 = attend; default: each token sees the frames
         whose placeholder is at or before it); attention_mask [batch, pos] or [batch, past + pos] (1 = real);
         position_ids [batch, pos] (default: continue the state's cursor, padding does not advance it);
+        MOSS-VL instead: pixel_values [patches, patch_dim], grid_thw [media, 3], media_nums_per_sample, and
+        cross_attention_mask [batch, 1, text_pos, frame] (True = masked).
         vision_position_ids [batch, frame] placeholder positions of the new frames (default: found in the text).
         With `state` (or use_cache=True) the caches are extended in place and returned in the output.
         """
@@ -86,37 +91,60 @@ class MossModel(nn.Module):
             use_cache = True if use_cache is None else use_cache
         mark = state.mark()
         try:
-            logits = self._forward(state, input_ids, inputs_embeds, pixel_values, aspect_ratio_ids,
-                                   aspect_ratio_mask, cross_attention_mask, attention_mask, position_ids,
-                                   vision_position_ids, frame_timestamps, vision_chunked_length)
+            vision_inputs = dict(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+                                 aspect_ratio_mask=aspect_ratio_mask, grid_thw=grid_thw,
+                                 media_nums_per_sample=media_nums_per_sample)
+            logits = self._forward(state, input_ids, inputs_embeds, vision_inputs, cross_attention_mask,
+                                   attention_mask, position_ids, vision_position_ids, frame_timestamps,
+                                   vision_chunked_length)
         except BaseException:
             state.restore(mark)  # a rejected step (bad input, a raising hook) leaves the caches as they were
             raise
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, state=state if use_cache else None)
 
-    def _forward(self, state, input_ids, inputs_embeds, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                 cross_attention_mask, attention_mask, position_ids, vision_position_ids, frame_timestamps,
-                 vision_chunked_length) -> torch.Tensor:
+    def _forward(self, state, input_ids, inputs_embeds, vision_inputs, cross_attention_mask, attention_mask,
+                 position_ids, vision_position_ids, frame_timestamps, vision_chunked_length) -> torch.Tensor:
+        # 1. check and compute everything new (nothing touches the state until all inputs are accepted)
         x, ids = self._embed(input_ids, inputs_embeds)
         batch, seq = x.shape[:2]
         past = state.text.length
-
         valid = self._token_validity(attention_mask, batch, seq, past, x.device)
+        new = slots = None
+        if vision_inputs["pixel_values"] is not None:
+            new = encode_new_frames(self, vision_inputs, vision_chunked_length)
+            if vision_position_ids is None:
+                if ids is None:
+                    raise ModelInputError("with inputs_embeds and pixel_values, pass vision_position_ids "
+                                          "(the placeholder position of each frame)")
+                slots = placeholder_slots(ids, self.config.tokens.image_token_id, new.frame_valid)
+        elif ids is not None:
+            check_no_stray_placeholders(ids, self.config.tokens.image_token_id)
         start = state.next_position if state.next_position is not None else x.new_zeros(batch, dtype=torch.long)
-        positions = position_ids if position_ids is not None else cursor_positions(start, valid)
-        state.next_position = torch.maximum(start, positions.masked_fill(~valid, -1).max(-1).values + 1)
+        widths = placeholder_widths(valid.shape, slots, new.frame_valid, new.frame_span) if slots else None
+        positions = position_ids if position_ids is not None else cursor_positions(start, valid, widths)
+        used = widths if widths is not None else torch.ones_like(positions)
+        end = positions + used - 1  # last position each token consumes
+        if new is not None:
+            anchors = vision_position_ids.to(torch.long) if vision_position_ids is not None else \
+                placeholder_anchors(slots, positions, new.frame_valid)
+            timestamps = list(frame_timestamps) if frame_timestamps is not None else [None] * anchors.shape[1]
+            if len(timestamps) != anchors.shape[1]:
+                raise ModelInputError(f"frame_timestamps has {len(timestamps)} entries for {anchors.shape[1]} frames")
+
+        # 2. commit to the state
+        state.next_position = torch.maximum(start, end.masked_fill(~valid, -1).max(-1).values + 1)
         state.tokens_seen += seq
         self_allowed = causal_allowed(state.text.extend_valid(valid), past)
         rotation = self.rope(positions) if self.rope is not None else None
-
-        new_vision, new_rotation = None, None
-        if pixel_values is not None:
-            new_vision, new_rotation = self._add_frames(
-                state, ids, positions, pixel_values, aspect_ratio_ids, aspect_ratio_mask, vision_position_ids,
-                frame_timestamps, vision_chunked_length)
-        elif ids is not None:
-            check_no_stray_placeholders(ids, self.config.tokens.image_token_id)
+        new_vision = new_rotation = None
+        if new is not None:
+            new_vision, new_rotation = new.states, self._key_rotation(new, anchors)
+            text = self.config.text
+            bytes_per_token = 2 * text.num_kv_heads * text.d_head * new.states.element_size() * len(
+                text.cross_attention_layers)
+            state.vision.add_frames(anchors, new.frame_valid, new.key_frame, _frame_tokens(new), bytes_per_token,
+                                    timestamps)
 
         cross_allowed = frame_visibility = row_mask = None
         if state.vision.has_frames:
@@ -179,48 +207,29 @@ class MossModel(nn.Module):
                              aspect_ratio_mask[:, i:i + step]) for i in range(0, frames, step)]
         return torch.cat(parts, dim=1)
 
-    def _add_frames(self, state, ids, positions, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                    vision_position_ids, frame_timestamps, chunk) -> tuple[torch.Tensor, Rotation | None]:
-        frames = self.encode_frames(pixel_values, aspect_ratio_ids, aspect_ratio_mask, chunk)
-        batch, count, per_frame = frames.shape[:3]
-        tiles = pixel_values.shape[2]
-        frame_valid = (aspect_ratio_ids > 0) if aspect_ratio_ids is not None else \
-            torch.ones(batch, count, dtype=torch.bool, device=frames.device)
-        tile_valid = aspect_ratio_mask.bool() if aspect_ratio_mask is not None else \
-            torch.ones(batch, count, tiles, dtype=torch.bool, device=frames.device)
-        key_valid = (tile_valid & frame_valid[..., None]).repeat_interleave(per_frame // tiles, dim=2).flatten(1)
-        if vision_position_ids is not None:
-            anchors = vision_position_ids.to(torch.long)
-        elif ids is not None:
-            anchors = placeholder_anchors(ids, positions, self.config.tokens.image_token_id, frame_valid)
-        else:
-            raise ModelInputError("with inputs_embeds and pixel_values, pass vision_position_ids (placeholder "
-                                  "position of each frame)")
-        timestamps = list(frame_timestamps) if frame_timestamps is not None else [None] * count
-        if len(timestamps) != count:
-            raise ModelInputError(f"frame_timestamps has {len(timestamps)} entries for {count} frames")
-        kv = self.config.text
-        bytes_per_token = (2 * kv.num_kv_heads * kv.d_head * frames.element_size()
-                           * len(kv.cross_attention_layers))
-        state.vision.add_frames(anchors, frame_valid, key_valid, per_frame, bytes_per_token, timestamps)
-        rotation = None
-        if self.config.cross_attention.key_rope == "frame" and self.rope is not None:
-            # every token of frame j shares frame j's placeholder position (spec §3.4 step 4)
-            rotation = self.rope(anchors.clamp(max=torch.iinfo(torch.int32).max))
-            rotation = Rotation(rotation.cos.repeat_interleave(per_frame, dim=1),
-                                rotation.sin.repeat_interleave(per_frame, dim=1))
-        return frames.flatten(1, 2), rotation
+    def _key_rotation(self, new: NewFrames, anchors: torch.Tensor) -> Rotation | None:
+        """RoPE tables for the new frames' keys [batch, vis_new, d_head], by `cross_attention.key_rope`."""
+        kind = self.config.cross_attention.key_rope
+        if kind == "none" or self.rope is None:
+            return None
+        safe = anchors.clamp(max=torch.iinfo(torch.int32).max)  # padding frames sit at "never"
+        frame_of_key = new.key_frame.clamp(min=0)
+        if kind == "frame":  # every token of a frame shares its placeholder's position (video-preview §3.4)
+            return self.rope(safe.gather(1, frame_of_key))
+        base = safe - (new.frame_span - 1)  # t_f: the placeholder sits at t_f + M_f (moss-vl §4.2)
+        return self.rope(base.gather(1, frame_of_key)[None] + new.key_offsets)  # [3, batch, vis_new] positions
 
     def _visibility(self, state: StreamState, positions, cross_attention_mask, past: int, seq: int):
         vision = state.vision
-        if cross_attention_mask is not None:
+        if cross_attention_mask is not None and self.config.vision.kind == "mllama_vit":
             tiles = cross_attention_mask.shape[-1]
-            per_tile = vision.segments[0].token_span[1] // tiles if vision.segments else 0
-            return mllama_cross_mask(cross_attention_mask, past, seq, per_tile, vision.num_tokens)
+            first = vision.segments[0].token_span
+            return mllama_cross_mask(cross_attention_mask, past, seq, (first[1] - first[0]) // tiles,
+                                     vision.num_tokens)
+        if cross_attention_mask is not None:
+            return moss_cross_mask(cross_attention_mask, past, seq, vision.key_frame)
         frame_visibility = frame_visibility_from_anchors(vision.anchor_positions, vision.frame_valid, positions)
-        per_frame = vision.segments[0].token_span[1] - vision.segments[0].token_span[0]
-        allowed = expand_to_tokens(frame_visibility, per_frame) & vision.key_valid[:, None, :]
-        return allowed, frame_visibility
+        return keys_from_frames(frame_visibility, vision.key_frame), frame_visibility
 
     # ------------------------------------------------------------------ generation and hooks
 
@@ -250,6 +259,15 @@ class MossModel(nn.Module):
         """Recompute non-persistent buffers (rotary tables), e.g. after materialising a meta-built model."""
         rope = build_rope(self.config.text.d_head, self.config.text.rope)
         self.rope = rope.to(device) if rope is not None else None
+
+
+def _frame_tokens(new: NewFrames) -> list[int]:
+    """Vision-axis slots of each new frame in batch item 0's layout (padding tiles included)."""
+    frames = new.frame_valid.shape[1]
+    if new.key_offsets is None:  # uniform layout: every frame owns the same number of slots
+        return [new.key_frame.shape[1] // max(frames, 1)] * frames
+    counts = torch.bincount(new.key_frame[0][new.key_frame[0] >= 0], minlength=frames)
+    return counts.tolist()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,28 +29,23 @@ def causal_allowed(key_valid: torch.Tensor, past: int) -> torch.Tensor:
     return ((k_abs <= q_abs) & key_valid[:, None, :]) | (k_abs == q_abs)
 
 
-def cursor_positions(start: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def cursor_positions(start: torch.Tensor, valid: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids continuing from `start` [batch] over tokens with validity `valid` [batch, pos].
 
-    Padding does not advance the cursor (left-padded batches get the same positions as unpadded items);
-    padding tokens themselves get the position of the next real token (never read).
+    A token consumes `widths` positions (default 1; a MOSS-VL frame placeholder consumes max(eh, ew) + 1)
+    and takes the last of them. Padding consumes none (left-padded items get the same positions as
+    unpadded ones) and takes the next real token's base (never read).
     """
-    return start[:, None] + (valid.long().cumsum(-1) - valid.long()).clamp(min=0)
+    used = valid.long() if widths is None else widths * valid.long()
+    return start[:, None] + used.cumsum(-1) - valid.long()
 
 
-def placeholder_anchors(input_ids: torch.Tensor, positions: torch.Tensor, placeholder_id: int,
-                        frame_valid: torch.Tensor) -> torch.Tensor:
-    """Position of each new frame's placeholder: input_ids, positions [batch, pos]; frame_valid [batch, frame].
-
-    The k-th placeholder of a batch item anchors its k-th real frame. Padding frames get a position no
-    query reaches. Raises PlaceholderMismatchError when the counts differ.
-    """
-    batch, frames = frame_valid.shape
-    never = torch.iinfo(torch.long).max
-    anchors = torch.full((batch, frames), never, dtype=torch.long, device=positions.device)
-    is_placeholder = input_ids == placeholder_id
-    for b in range(batch):
-        found = positions[b][is_placeholder[b]]
+def placeholder_slots(input_ids: torch.Tensor, placeholder_id: int, frame_valid: torch.Tensor) -> list[torch.Tensor]:
+    """Indices of each batch item's placeholders; the k-th anchors its k-th real frame.
+    Raises PlaceholderMismatchError when the counts differ."""
+    slots = []
+    for b in range(input_ids.shape[0]):
+        found = (input_ids[b] == placeholder_id).nonzero().flatten()
         real = int(frame_valid[b].sum())
         if found.numel() != real:
             what = "more placeholders than frames" if found.numel() > real else "fewer placeholders than frames"
@@ -58,7 +53,25 @@ def placeholder_anchors(input_ids: torch.Tensor, positions: torch.Tensor, placeh
                 f"batch item {b}: {found.numel()} placeholder token(s) (id {placeholder_id}) in the text but "
                 f"{real} frame(s)/image(s) given ({what}); the text needs exactly one placeholder per frame, "
                 f"in order")
-        anchors[b, frame_valid[b]] = found
+        slots.append(found)
+    return slots
+
+
+def placeholder_widths(shape: torch.Size, slots: list[torch.Tensor], frame_valid: torch.Tensor,
+                       frame_span: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] positions each token consumes: 1, or the frame's span at its placeholder."""
+    widths = torch.ones(shape, dtype=torch.long, device=frame_span.device)
+    for b, found in enumerate(slots):
+        widths[b, found] = frame_span[b][frame_valid[b]]
+    return widths
+
+
+def placeholder_anchors(slots: list[torch.Tensor], positions: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+    """Position of each new frame's placeholder -> [batch, frame]; padding frames get a position no query reaches."""
+    never = torch.iinfo(torch.long).max
+    anchors = torch.full(frame_valid.shape, never, dtype=torch.long, device=positions.device)
+    for b, found in enumerate(slots):
+        anchors[b, frame_valid[b]] = positions[b, found]
     return anchors
 
 
@@ -77,9 +90,28 @@ def frame_visibility_from_anchors(anchors: torch.Tensor, frame_valid: torch.Tens
     return frame_valid[:, None, :] & (anchors[:, None, :] <= positions[:, :, None])
 
 
-def expand_to_tokens(frame_visibility: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
-    """[batch, query_pos, frame] -> [batch, query_pos, vis] (frame-major vision axis)."""
-    return frame_visibility.repeat_interleave(tokens_per_frame, dim=2)
+def keys_from_frames(frame_visibility: torch.Tensor, key_frame: torch.Tensor) -> torch.Tensor:
+    """frame_visibility [batch, query_pos, frame]; key_frame [batch, vis] (-1 padding) -> [batch, query_pos, vis]."""
+    index = key_frame.clamp(min=0)[:, None, :].expand(-1, frame_visibility.shape[1], -1)
+    return frame_visibility.gather(2, index) & (key_frame >= 0)[:, None, :]
+
+
+def moss_cross_mask(mask: torch.Tensor, past: int, seq: int, key_frame: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MOSS-VL processor's cross_attention_mask [batch, 1, text_pos, frame] (True = masked) ->
+    (allowed [batch, query_pos, vis], frame_visibility [batch, query_pos, frame])."""
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ModelInputError(f"cross_attention_mask must be [batch, 1, text_pos, frame], got {tuple(mask.shape)}")
+    rows = mask[:, 0]
+    if rows.shape[1] == past + seq and past:
+        rows = rows[:, past:past + seq]
+    elif rows.shape[1] != seq:
+        raise ModelInputError(f"cross_attention_mask has {rows.shape[1]} text rows; expected {seq} or {past + seq}")
+    frames = int(key_frame.max()) + 1 if key_frame.numel() else 0
+    if rows.shape[2] < frames:
+        raise ModelInputError(f"cross_attention_mask covers {rows.shape[2]} frames but {frames} are cached")
+    visible = ~rows.bool()
+    return keys_from_frames(visible, key_frame), visible
 
 
 def mllama_cross_mask(mask: torch.Tensor, past: int, seq: int, tokens_per_tile: int,

@@ -76,6 +76,52 @@ class RotaryEmbedding(nn.Module):
         return Rotation(emb.cos(), emb.sin())
 
 
+class MRoPE(nn.Module):
+    """3-D rotary embedding over (t, h, w) position ids (MOSS-VL / Qwen-VL).
+
+    Each rotary pair takes its angle from one axis: `interleaved` (Qwen3-VL, MOSS-VL) gives pairs
+    1, 4, 7, ... to h and 2, 5, 8, ... to w within the first 3 * section entries and the rest to t;
+    `chunked` (Qwen2-VL) gives the first section[0] pairs to t, the next section[1] to h, then w.
+    Text tokens carry equal components, so for them both reduce to 1-D RoPE.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, section: tuple[int, ...], interleaved: bool) -> None:
+        super().__init__()
+        half = inv_freq.numel()
+        if sum(section) != half:
+            raise ValueError(f"mrope_section {section} must sum to d_head / 2 = {half}")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        axis = torch.zeros(half, dtype=torch.long)
+        if interleaved:
+            for dim in (1, 2):
+                axis[dim:3 * section[dim]:3] = dim
+        else:
+            axis[section[0]:section[0] + section[1]] = 1
+            axis[section[0] + section[1]:] = 2
+        self.register_buffer("axis", axis, persistent=False)  # [d_head / 2]: which of t, h, w each pair uses
+
+    def forward(self, position_ids: torch.Tensor) -> Rotation:
+        """position_ids [batch, pos] (text: t = h = w) or [3, batch, pos] -> tables [batch, pos, d_head]."""
+        if position_ids.dim() == 2:
+            freqs = position_ids[..., None].float() * self.inv_freq.float()
+        else:
+            per_axis = position_ids[..., None].float() * self.inv_freq.float()  # [3, batch, pos, d_head / 2]
+            index = self.axis.view(1, 1, 1, -1).expand(1, *per_axis.shape[1:])
+            freqs = per_axis.gather(0, index).squeeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return Rotation(emb.cos(), emb.sin())
+
+
+@register("rope", "mrope_interleaved")
+def _mrope_interleaved(d_head: int, cfg: RopeConfig) -> MRoPE:
+    return MRoPE(default_inv_freq(d_head, cfg.theta), cfg.mrope_section, interleaved=True)
+
+
+@register("rope", "mrope_chunked")
+def _mrope_chunked(d_head: int, cfg: RopeConfig) -> MRoPE:
+    return MRoPE(default_inv_freq(d_head, cfg.theta), cfg.mrope_section, interleaved=False)
+
+
 @register("rope", "default")
 def _default_rope(d_head: int, cfg: RopeConfig) -> RotaryEmbedding:
     return RotaryEmbedding(default_inv_freq(d_head, cfg.theta))
