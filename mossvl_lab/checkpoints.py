@@ -51,7 +51,17 @@ _MLLAMA_KEYS = (
     ("norm.", "language_model.model.norm."),
     ("lm_head.", "language_model.lm_head."),
 )
-KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {"mllama": _MLLAMA_KEYS, "video_preview": _MLLAMA_KEYS}
+# MOSS-VL (spec moss-vl §7.2): copied 1:1 by the published loaders; the separator lives on our vision tower
+_MOSS_VL_KEYS = (
+    ("vision.separator_token", "model.separator_token"),
+    ("vision.", "model.visual."),
+    ("embed_tokens.", "model.language_model.embed_tokens."),
+    ("blocks.", "model.language_model.layers."),
+    ("norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+)
+KEY_MAPS: dict[str, tuple[tuple[str, str], ...]] = {"mllama": _MLLAMA_KEYS, "video_preview": _MLLAMA_KEYS,
+                                                     "moss_vl": _MOSS_VL_KEYS}
 
 
 class CheckpointNotFoundError(FileNotFoundError):

@@ -24,7 +24,7 @@ class UnsupportedModelTypeError(ConfigError):
     """config.json names a `model_type` this toolkit cannot build (yet); the message lists the supported ones."""
 
 
-SUPPORTED_MODEL_TYPES = ("mllama",)  # MOSS-Video-Preview checkpoints are "mllama" plus extras
+SUPPORTED_MODEL_TYPES = ("mllama", "moss_vl")  # MOSS-Video-Preview checkpoints are "mllama" plus extras
 
 # Defaults of transformers' MllamaTextConfig / MllamaVisionConfig / MllamaConfig, used for keys a config.json
 # omits. Note the vision image_size default is 448 there, while the 11B checkpoints store 560.
@@ -63,9 +63,8 @@ def from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config dict (the parsed `config.json`)."""
     model_type = d.get("model_type")
     if model_type == "moss_vl":
-        raise UnsupportedModelTypeError(
-            "model_type 'moss_vl' (the MOSS-VL family) is not implemented yet; it arrives with the MOSS-VL "
-            f"components. Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        from .hf_moss_vl import moss_vl_from_hf
+        return moss_vl_from_hf(d)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelTypeError(
             f"config.json model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
@@ -187,12 +186,12 @@ def _rope_from_hf(t: dict[str, Any]) -> RopeConfig:
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The HF `config.json` fields of `cfg` (MllamaConfig layout; MOSS extras at the top level for video_preview).
 
-    Raises UnsupportedModelTypeError for family "moss_vl" and ConfigError for what MllamaConfig cannot express
+    Family "moss_vl" writes the published MOSS-VL layout (hf_moss_vl). Raises ConfigError for what MllamaConfig cannot express
     (rope kinds other than default/llama3, q/k norm in self-attention, extra_embeddings != 8).
     """
-    if cfg.family not in ("mllama", "video_preview"):
-        raise UnsupportedModelTypeError(f"family {cfg.family!r} has no HF config mapping yet (MOSS-VL is not "
-                                        "implemented); supported families: mllama, video_preview")
+    if cfg.family == "moss_vl":
+        from .hf_moss_vl import moss_vl_to_hf
+        return moss_vl_to_hf(cfg)
     t, v, tok = cfg.text, cfg.vision, cfg.tokens
     if t.rope.kind not in ("default", "llama3"):
         raise ConfigError(f"text.rope.kind={t.rope.kind!r} cannot be written as an Mllama config (default/llama3)")

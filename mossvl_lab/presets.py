@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import (CrossAttentionConfig, MllamaVisionConfig, ModelConfig, RopeConfig, TextConfig,
-                     TokenConfig)
+from .config import (CrossAttentionConfig, MllamaVisionConfig, ModelConfig, MossVisionConfig, RopeConfig,
+                     TextConfig, TokenConfig)
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -109,3 +109,44 @@ def _moss_video_preview_11b() -> ModelConfig:
     vision = MllamaVisionConfig(max_num_tiles=4, full_attention=True, pool_mode="average", pool_stride=4)
     return ModelConfig(family="video_preview", text=_llama_11b_text(), vision=vision,
                        cross_attention=VIDEO_PREVIEW_CROSS, tokens=_llama_tokens(128256, silence=True))
+
+
+# ---- MOSS-VL (spec moss-vl §2–§4): SigLIP2-style tower, Qwen3 text stack, 3-D interleaved RoPE
+
+MOSS_VL_CROSS = CrossAttentionConfig(key_rope="thw", k_norm_before_rope=True, row_mask_branches="both")
+
+
+def _chatml_tokens(vocab_size: int) -> TokenConfig:
+    """MOSS-VL ids for the real vocabulary (spec §3.1, §6.1; <|silence|> has no published id). Small vocabularies
+    keep the ChatML specials in the top 16 ids: endoftext, im_start, im_end, vision_start, vision_end,
+    image_pad, video_pad, time_start, time_end, silence, response, ellipsis (in that order)."""
+    if vocab_size == 151936:
+        return TokenConfig(image_token_id=151655, bos_token_id=151643, eos_token_ids=(151645,),
+                           pad_token_id=151643, response_token_id=151672)
+    top = vocab_size - 16
+    return TokenConfig(image_token_id=top + 5, bos_token_id=top, eos_token_ids=(top + 2,), pad_token_id=top,
+                       silence_token_id=top + 9, response_token_id=top + 10, ellipsis_token_id=top + 11)
+
+
+@_preset("moss-vl-tiny")
+def _moss_vl_tiny() -> ModelConfig:
+    """MOSS-VL at toy size: 8 decoder layers (cross at 2 and 6, the S,S,X,S rhythm), 16-px patches merged 2x2."""
+    vision = MossVisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                              num_position_embeddings=64, deepstack_visual_indexes=(1, 2))
+    text = TextConfig(vocab_size=640, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32,
+                      intermediate_size=128, rms_norm_eps=1e-6,
+                      rope=RopeConfig(kind="mrope_interleaved", theta=5_000_000.0, mrope_section=(6, 5, 5)),
+                      cross_attention_layers=(2, 6), qk_norm=True, max_position_embeddings=8192)
+    return ModelConfig(family="moss_vl", text=text, vision=vision, cross_attention=MOSS_VL_CROSS,
+                       tokens=_chatml_tokens(640))
+
+
+@_preset("moss-vl-11b")
+def _moss_vl_11b() -> ModelConfig:
+    """MOSS-VL-Base/Instruct/Realtime shapes: 48 layers (12 cross), 27-block vision tower, 895 tensors."""
+    text = TextConfig(vocab_size=151936, hidden_size=4096, num_layers=48, num_heads=32, num_kv_heads=8, head_dim=128,
+                      intermediate_size=12288, rms_norm_eps=1e-6,
+                      rope=RopeConfig(kind="mrope_interleaved", theta=5_000_000.0, mrope_section=(24, 20, 20)),
+                      cross_attention_layers=tuple(range(2, 48, 4)), qk_norm=True, max_position_embeddings=262144)
+    return ModelConfig(family="moss_vl", text=text, vision=MossVisionConfig(), cross_attention=MOSS_VL_CROSS,
+                       tokens=_chatml_tokens(151936))

@@ -301,8 +301,11 @@ def test_key_map_examples():
     assert ck.from_hub_key("mllama", "language_model.lm_head.weight") == "lm_head.weight"
     with pytest.raises(ck.UnmappedKeyError, match="rope.inv_freq"):
         ck.to_hub_key("mllama", "rope.inv_freq")
-    with pytest.raises(ck.UnsupportedModelTypeError):
-        ck.to_hub_key("moss_vl", "lm_head.weight")
+    assert ck.to_hub_key("moss_vl", "lm_head.weight") == "lm_head.weight"
+    assert ck.to_hub_key("moss_vl", "vision.separator_token") == "model.separator_token"
+    assert ck.to_hub_key("moss_vl", "vision.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
+    assert ck.from_hub_key("moss_vl", "model.language_model.layers.2.cross_attn.k_norm.weight") == \
+        "blocks.2.cross_attn.k_norm.weight"
 
 
 @pytest.mark.parametrize("name", ["mllama-tiny", "video-preview-tiny", "moss-video-preview-11b"])

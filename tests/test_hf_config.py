@@ -107,7 +107,7 @@ def test_to_hf_dict_is_loadable_by_transformers(tmp_path):
     assert from_hf_dict(hf.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("name", [n for n in presets() if preset(n).family != "moss_vl"])
+@pytest.mark.parametrize("name", presets())
 def test_presets_round_trip(name):
     cfg = preset(name)
     assert from_hf_dict(json.loads(json.dumps(to_hf_dict(cfg)))) == cfg
@@ -159,11 +159,31 @@ def test_unknown_model_type(model_type):
         from_hf_dict({"model_type": model_type})
 
 
-def test_moss_vl_is_not_implemented_yet():
-    with pytest.raises(UnsupportedModelTypeError, match="MOSS-VL"):
-        from_hf_dict({"model_type": "moss_vl", "text_config": {}, "vision_config": {}})
-    with pytest.raises(UnsupportedModelTypeError):
-        to_hf_dict(preset("mllama-tiny").replace(family="moss_vl"))
+def test_published_moss_vl_config_shape_loads():
+    """A config.json shaped like the published MOSS-VL one (spec §2.1, §3.1, §7.1) at tiny sizes."""
+    d = {"architectures": ["MossVLForConditionalGeneration"], "model_type": "moss_vl", "dtype": "bfloat16",
+         "image_token_id": 101, "video_token_id": 102, "vision_start_token_id": 98, "vision_end_token_id": 99,
+         "tie_word_embeddings": False, "transformers_version": "4.57.1", "vision_seq_pad_multiple": 1,
+         "text_config": {"model_type": "moss_vl_text", "hidden_size": 64, "intermediate_size": 96,
+                         "num_hidden_layers": 8, "cross_attention_layers": [2, 6], "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6, "rope_theta": 5000000,
+                         "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5],
+                                          "mrope_interleaved": True},
+                         "max_position_embeddings": 4096, "vocab_size": 128, "attention_bias": False,
+                         "hidden_act": "silu", "bos_token_id": 96, "eos_token_id": 97},
+         "vision_config": {"model_type": "moss_vl_vision", "depth": 3, "hidden_size": 32, "intermediate_size": 48,
+                           "num_heads": 2, "in_channels": 3, "patch_size": 8, "spatial_merge_size": 2,
+                           "temporal_patch_size": 1, "num_position_embeddings": 64, "out_hidden_size": 64,
+                           "hidden_act": "gelu_pytorch_tanh", "deepstack_visual_indexes": [0, 1]}}
+    cfg = from_hf_dict(d)
+    assert cfg.family == "moss_vl" and cfg.text.rope.kind == "mrope_interleaved"
+    assert cfg.text.rope.mrope_section == (6, 5, 5) and cfg.text.qk_norm and cfg.text.d_head == 32
+    assert cfg.vision.depth == 3 and cfg.vision.deepstack_visual_indexes == (0, 1)
+    assert (cfg.tokens.image_token_id, cfg.tokens.bos_token_id, cfg.tokens.eos_token_ids) == (101, 96, (97,))
+    assert cfg.cross_attention.key_rope == "thw" and cfg.cross_attention.k_norm_before_rope
+    assert from_hf_dict(to_hf_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="out_hidden_size"):
+        from_hf_dict({**d, "vision_config": {**d["vision_config"], "out_hidden_size": 32}})
 
 
 def test_inconsistent_vision_output_dim():
