@@ -349,24 +349,22 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 def override(cfg: ModelConfig, changes: dict[str, Any]) -> ModelConfig:
     """Return `cfg` with dotted-path fields replaced, e.g. {"text.rope.kind": "none"}.
 
-    A whole sub-config may be replaced by a dict (rebuilt) or a config object.
+    All changes are applied together and validated once, so changes that are only consistent as a set
+    (a 1-D rope together with 1-D key rotation) work in one call. A whole sub-config may be given as a
+    dict or a config object.
     """
+    data = cfg.to_dict()
     for dotted, value in changes.items():
-        cfg = _override_one(cfg, dotted.split("."), value, dotted)
-    return cfg
-
-
-def _override_one(node: Any, parts: list[str], value: Any, dotted: str) -> Any:
-    name = parts[0]
-    if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
-        raise ConfigError(f"override: {dotted!r} does not name a config field ({type(node).__name__} has no {name!r})")
-    if len(parts) > 1:
-        return dataclasses.replace(node, **{name: _override_one(getattr(node, name), parts[1:], value, dotted)})
-    if isinstance(value, dict):
-        value = _coerce(typing.get_type_hints(type(node))[name], value, dotted)
-    elif isinstance(value, list):
-        value = _coerce(typing.get_type_hints(type(node))[name], value, dotted)
-    return dataclasses.replace(node, **{name: value})
+        node, parts = data, dotted.split(".")
+        for depth, name in enumerate(parts):
+            if not isinstance(node, dict) or name not in node:
+                raise ConfigError(f"override: {dotted!r} does not name a config field "
+                                  f"(no {name!r} under {'.'.join(parts[:depth]) or 'the config'})")
+            if depth == len(parts) - 1:
+                node[name] = value.to_dict() if isinstance(value, _Frozen) else value
+            else:
+                node = node[name]
+    return ModelConfig.from_dict(data)
 
 
 def presets() -> list[str]:

@@ -122,9 +122,8 @@ class MossModel(nn.Module):
             check_no_stray_placeholders(ids, self.config.tokens.image_token_id)
         start = state.next_position if state.next_position is not None else x.new_zeros(batch, dtype=torch.long)
         widths = placeholder_widths(valid.shape, slots, new.frame_valid, new.frame_span) if slots else None
+        # a token sits at the last position it consumes, so the cursor continues right after the last token
         positions = position_ids if position_ids is not None else cursor_positions(start, valid, widths)
-        used = widths if widths is not None else torch.ones_like(positions)
-        end = positions + used - 1  # last position each token consumes
         if new is not None:
             anchors = vision_position_ids.to(torch.long) if vision_position_ids is not None else \
                 placeholder_anchors(slots, positions, new.frame_valid)
@@ -133,7 +132,7 @@ class MossModel(nn.Module):
                 raise ModelInputError(f"frame_timestamps has {len(timestamps)} entries for {anchors.shape[1]} frames")
 
         # 2. commit to the state
-        state.next_position = torch.maximum(start, end.masked_fill(~valid, -1).max(-1).values + 1)
+        state.next_position = torch.maximum(start, positions.masked_fill(~valid, -1).max(-1).values + 1)
         state.tokens_seen += seq
         self_allowed = causal_allowed(state.text.extend_valid(valid), past)
         rotation = self.rope(positions) if self.rope is not None else None
