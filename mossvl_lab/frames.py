@@ -108,7 +108,7 @@ def _encode_moss_frames(tower: Any, pixel_values: torch.Tensor, frame_grids: lis
     for i in range(0, len(frame_grids), step):
         grids = frame_grids[i:i + step]
         count = sum(h * w for h, w in grids)
-        grid_thw = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.long, device=pixel_values.device)
+        grid_thw = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.long)  # host: its values shape the loop
         result = tower(pixel_values[offset:offset + count], grid_thw)
         out.extend(result.states.split(list(result.tokens_per_frame)))
         offset += count

@@ -1,6 +1,7 @@
 """Vision towers; importing a tower's module registers it in mossvl_lab.registry under slot "vision"."""
 
 from .mllama_vit import MllamaVisionTower, VisionInputError
+from .moss_vit import MossVisionTower
 from .pooling import pool_patch_grid
 
-__all__ = ["MllamaVisionTower", "VisionInputError", "pool_patch_grid"]
+__all__ = ["MllamaVisionTower", "MossVisionTower", "VisionInputError", "pool_patch_grid"]
