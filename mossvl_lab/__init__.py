@@ -15,7 +15,8 @@ from typing import Any
 
 from . import config
 
-__all__ = ["config", "build_model", "load_model", "save_model", "checkpoint_manifest"]
+__all__ = ["config", "build_model", "load_model", "save_model", "checkpoint_manifest", "load_processor",
+           "processor_for_model", "StreamState"]
 
 # public name -> (module, attribute); resolved on first access so `import mossvl_lab` stays cheap
 _LAZY = {
@@ -26,6 +27,8 @@ _LAZY = {
     "save_model": ("mossvl_lab.checkpoints", "save_model"),
     "checkpoint_manifest": ("mossvl_lab.checkpoints", "checkpoint_manifest"),
     "StreamState": ("mossvl_lab.cache", "StreamState"),
+    "load_processor": ("mossvl_lab.processing.processor", "load_processor"),
+    "processor_for_model": ("mossvl_lab.processing.processor", "processor_for_model"),
 }
 
 

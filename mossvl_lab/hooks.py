@@ -34,6 +34,11 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self._fns)
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # An idle site must cost almost nothing (the instrumented model stays within ~3% of an uninstrumented
+        # one), so skip nn.Module's call machinery; hooks attach through `attach`, never torch module hooks.
+        return self.forward(x) if self._fns else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self._fns:
             out = fn(x, hook=self)

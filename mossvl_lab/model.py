@@ -117,6 +117,8 @@ class MossModel(nn.Module):
                 if ids is None:
                     raise ModelInputError("with inputs_embeds and pixel_values, pass vision_position_ids "
                                           "(the placeholder position of each frame)")
+                if cross_attention_mask is not None:
+                    _drop_unreferenced_media(new, ids, self.config.tokens.image_token_id)
                 slots = placeholder_slots(ids, self.config.tokens.image_token_id, new.frame_valid)
         elif ids is not None:
             check_no_stray_placeholders(ids, self.config.tokens.image_token_id)
@@ -258,6 +260,15 @@ class MossModel(nn.Module):
         """Recompute non-persistent buffers (rotary tables), e.g. after materialising a meta-built model."""
         rope = build_rope(self.config.text.d_head, self.config.text.rope)
         self.rope = rope.to(device) if rope is not None else None
+
+
+def _drop_unreferenced_media(new: NewFrames, ids: torch.Tensor, placeholder_id: int) -> None:
+    """A batch item whose text has no placeholder at all carries only a stand-in medium (MOSS-VL's blank image
+    for text-only prompts, spec moss-vl §2.2); its explicit mask hides it, so treat it as padding."""
+    empty = ~(ids == placeholder_id).any(dim=1)
+    if bool(empty.any()):
+        new.frame_valid[empty] = False
+        new.key_frame[empty] = -1
 
 
 def _frame_tokens(new: NewFrames) -> list[int]:
