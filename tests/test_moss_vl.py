@@ -231,3 +231,22 @@ def test_save_and_reload_is_bit_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids, pixel_values=pixels, grid_thw=grid_thw).logits,
                            again(ids, pixel_values=pixels, grid_thw=grid_thw).logits)
+
+
+def test_checkpoint_with_only_a_published_style_config_json_loads(tmp_path):
+    """Weights we wrote + a config.json holding only the published MOSS-VL fields (no mossvl_lab section)."""
+    import json
+
+    from mossvl_lab.hf_moss_vl import moss_vl_to_hf
+
+    model = _model()
+    ml.save_model(model, tmp_path)
+    published = moss_vl_to_hf(model.config)
+    assert "mossvl_lab" not in published and published["model_type"] == "moss_vl"
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    again = ml.load_model(tmp_path)
+    ids = _text(model, 1)
+    pixels, grid_thw = _frames(model, SIZES[:1])
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=pixels, grid_thw=grid_thw).logits,
+                           again(ids, pixel_values=pixels, grid_thw=grid_thw).logits)
