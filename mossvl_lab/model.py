@@ -239,6 +239,23 @@ class MossModel(nn.Module):
         from .generation.decode import generate
         return generate(self, input_ids, **kwargs)
 
+    def offline_generate(self, processor: Any, new_queries: Any, output_text_queue: Any,
+                         vision_chunked_length: int = 64) -> None:
+        """The model cards' queue worker: query dicts in, text pieces then "<|round_end|>" out (generation.offline)."""
+        from .generation.offline import offline_generate
+        offline_generate(self, processor, new_queries, output_text_queue, vision_chunked_length=vision_chunked_length)
+
+    def stop_offline_generate(self) -> None:
+        from .generation.offline import stop_offline_generate
+        stop_offline_generate(self)
+
+    def offline_batch_generate(self, processor: Any, queries: list[dict], session_states: list | None = None,
+                               vision_chunked_length: int = 64) -> dict:
+        """Left-padded batched generation with per-item multi-turn state (generation.offline)."""
+        from .generation.offline import offline_batch_generate
+        return offline_batch_generate(self, processor, queries, session_states=session_states,
+                                      vision_chunked_length=vision_chunked_length)
+
     def hook_names(self) -> list[str]:
         return list(self._hook_points)
 
