@@ -268,8 +268,35 @@ class MossVisionConfig(_Frozen):
         _require(self.temporal_patch_size == 1, "MossVisionConfig.temporal_patch_size must be 1 (as published)")
 
 
-VisionConfig = Union[MllamaVisionConfig, MossVisionConfig]
-_VISION_KINDS: dict[str, type] = {"mllama_vit": MllamaVisionConfig, "moss_vit": MossVisionConfig}
+@dataclass(frozen=True, kw_only=True)
+class ToyConvConfig(_Frozen):
+    """A small strided-conv encoder for fast CPU training and vision-tower ablations. It takes the Mllama
+    processor's pixel layout (one tile per frame) and emits grid x grid tokens per frame."""
+
+    kind: Literal["toy_conv"] = "toy_conv"
+    image_size: int = 56
+    num_channels: int = 3
+    channels: tuple[int, ...] = (16, 32)
+    grid: int = 4
+    max_num_tiles: int = 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.channels[-1]
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.grid * self.grid
+
+    def validate(self) -> None:
+        _require(len(self.channels) >= 1, "ToyConvConfig.channels needs at least one layer")
+        _require(self.image_size % self.grid == 0, "ToyConvConfig.image_size must divide by grid")
+        _require(self.max_num_tiles == 1, "ToyConvConfig.max_num_tiles must be 1")
+
+
+VisionConfig = Union[MllamaVisionConfig, MossVisionConfig, ToyConvConfig]
+_VISION_KINDS: dict[str, type] = {"mllama_vit": MllamaVisionConfig, "moss_vit": MossVisionConfig,
+                                  "toy_conv": ToyConvConfig}
 
 
 @dataclass(frozen=True, kw_only=True)

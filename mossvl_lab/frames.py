@@ -25,12 +25,18 @@ class NewFrames:
     key_offsets: torch.Tensor | None  # [3, batch, vis_new] (t, h, w) offsets from the frame's base position
 
 
+# Which cross_attention_mask layout each tower's processor emits: Mllama [batch, text_pos, frame, tile] with
+# 1 = attend, or MOSS-VL [batch, 1, text_pos, frame] with True = masked.
+MASK_CONVENTION = {"mllama_vit": "mllama", "toy_conv": "mllama", "moss_vit": "moss"}
+
+
 def encode_new_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> NewFrames:
     """Dispatch on the vision tower kind; `inputs` holds the processor's vision tensors by HF name."""
     return build("frames", model.config.vision.kind, model, inputs, chunk)
 
 
 @register("frames", "mllama_vit")
+@register("frames", "toy_conv")
 def _mllama_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> NewFrames:
     pixel_values = inputs["pixel_values"]
     ratio_ids, ratio_mask = inputs.get("aspect_ratio_ids"), inputs.get("aspect_ratio_mask")

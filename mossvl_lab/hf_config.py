@@ -193,6 +193,8 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         from .hf_moss_vl import moss_vl_to_hf
         return moss_vl_to_hf(cfg)
     t, v, tok = cfg.text, cfg.vision, cfg.tokens
+    if not isinstance(v, MllamaVisionConfig):
+        raise ConfigError(f"vision kind {v.kind!r} cannot be written as an Mllama config (mllama_vit only)")
     if t.rope.kind not in ("default", "llama3"):
         raise ConfigError(f"text.rope.kind={t.rope.kind!r} cannot be written as an Mllama config (default/llama3)")
     if t.qk_norm or t.extra_embeddings != _MLLAMA_EXTRA_EMBEDDINGS:

@@ -27,7 +27,7 @@ from .components.norms import RMSNorm
 from .components.rope import Rotation, build_rope
 from .config import ModelConfig
 from .registry import build
-from .frames import NewFrames, encode_new_frames
+from .frames import MASK_CONVENTION, NewFrames, encode_new_frames
 from .visibility import (ModelInputError, causal_allowed, check_no_stray_placeholders, cursor_positions,
                          frame_visibility_from_anchors, keys_from_frames, mllama_cross_mask, moss_cross_mask,
                          placeholder_anchors, placeholder_slots, placeholder_widths)
@@ -222,7 +222,7 @@ class MossModel(nn.Module):
 
     def _visibility(self, state: StreamState, positions, cross_attention_mask, past: int, seq: int):
         vision = state.vision
-        if cross_attention_mask is not None and self.config.vision.kind == "mllama_vit":
+        if cross_attention_mask is not None and MASK_CONVENTION[self.config.vision.kind] == "mllama":
             tiles = cross_attention_mask.shape[-1]
             first = vision.segments[0].token_span
             return mllama_cross_mask(cross_attention_mask, past, seq, (first[1] - first[0]) // tiles,
@@ -272,6 +272,20 @@ class MossModel(nn.Module):
         with self.hooks(hooklib.recording_hooks(self._hook_points, names_filter, device, store)):
             out = self(**inputs)
         return out, hooklib.ActivationCache(store)
+
+    def set_numerics(self, mode: str) -> "MossModel":
+        """"reference": the fast path that parity tests hold to transformers (SDPA, softmax in fp32, weights in
+        their dtype). "analysis": eager attention in every layer (all patterns materialised) and fp32 weights,
+        for inspection; costs time and memory."""
+        if mode not in ("reference", "analysis"):
+            raise ValueError(f"numerics mode {mode!r}; expected 'reference' or 'analysis'")
+        for module in self.modules():
+            if hasattr(module, "force_eager"):
+                module.force_eager = mode == "analysis"
+        if mode == "analysis":
+            self.float()
+        self.numerics = mode
+        return self
 
     def rebuild_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (rotary tables), e.g. after materialising a meta-built model."""
@@ -324,9 +338,19 @@ def init_text_weights(model: MossModel, std: float = 0.02) -> None:
                 nn.init.normal_(sub.weight, mean=0.0, std=std)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> MossModel:
-    """A randomly initialised model. device="meta" builds shapes only (for manifests and big presets)."""
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                init_from: MossModel | None = None) -> MossModel:
+    """A randomly initialised model. device="meta" builds shapes only (for manifests and big presets).
+
+    With `init_from`, every weight whose name and shape still fit is copied from that model; the rest stay
+    freshly initialised, and `model.swap_report` says which (see swaps.SwapReport).
+    """
+    if init_from is not None:
+        from .swaps import transfer_weights
+        model = build_model(cfg, device=device, dtype=dtype)
+        model.swap_report = transfer_weights(model, init_from)
+        logger.info("%s", model.swap_report)
+        return model
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = MossModel(cfg)
     if str(device) != "meta":

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import CrossAttentionConfig, TextConfig
 from ..hooks import HookPoint
+from ..visibility import keys_from_frames
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
 from .mlp import SwiGLU
@@ -111,10 +112,14 @@ class CrossAttnBlock(nn.Module):
             keys, values = ctx.vision_cache.append(self.layer_idx, k, v)
         else:
             keys, values = ctx.vision_cache.layer(self.layer_idx)
-        self.cross_attn.hook_visibility(ctx.frame_visibility)
-        row_mask = self.hook_row_mask(ctx.row_mask)
+        allowed, row_mask = ctx.cross_allowed, ctx.row_mask
+        visibility = self.cross_attn.hook_visibility(ctx.frame_visibility)
+        if visibility is not ctx.frame_visibility:  # an intervention edited which frames rows see: hide keys too
+            allowed = allowed & keys_from_frames(visibility, ctx.vision_cache.key_frame)
+            row_mask = allowed.any(-1)
+        row_mask = self.hook_row_mask(row_mask)
         attn_gate, mlp_gate = self.gate_values()
-        attn = self.cross_attn(self.input_layernorm(x), ctx.rotation, keys, values, ctx.cross_allowed, row_mask)
+        attn = self.cross_attn(self.input_layernorm(x), ctx.rotation, keys, values, allowed, row_mask)
         x = self.hook_resid_mid(x + self.hook_attn_gate(attn_gate) * self.hook_cross_attn_out(attn))
         mlp = self.mlp(self.post_attention_layernorm(x)) * row_mask.unsqueeze(-1).to(x.dtype)
         x = x + self.hook_mlp_gate(mlp_gate) * self.hook_mlp_out(mlp)
