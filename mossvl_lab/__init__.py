@@ -16,7 +16,7 @@ from typing import Any
 from . import config
 
 __all__ = ["config", "build_model", "load_model", "save_model", "checkpoint_manifest", "load_processor",
-           "processor_for_model", "StreamState"]
+           "processor_for_model", "StreamState", "RealtimeSession"]
 
 # public name -> (module, attribute); resolved on first access so `import mossvl_lab` stays cheap
 _LAZY = {
@@ -28,6 +28,7 @@ _LAZY = {
     "checkpoint_manifest": ("mossvl_lab.checkpoints", "checkpoint_manifest"),
     "StreamState": ("mossvl_lab.cache", "StreamState"),
     "load_processor": ("mossvl_lab.processing.processor", "load_processor"),
+    "RealtimeSession": ("mossvl_lab.streaming.session", "RealtimeSession"),
     "processor_for_model": ("mossvl_lab.processing.processor", "processor_for_model"),
 }
 

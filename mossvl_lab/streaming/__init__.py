@@ -1,0 +1,1 @@
+"""Real-time streaming: the steppable RealtimeSession, its events and policies, and the threaded queue APIs."""
