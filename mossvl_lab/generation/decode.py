@@ -68,7 +68,9 @@ def generate(model: "MossModel", input_ids: torch.Tensor, *, max_new_tokens: int
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     generated = [input_ids]
     new_ids: list[torch.Tensor] = []  # [batch] each; what the repetition penalty looks at
-    for _ in tqdm(range(max_new_tokens), disable=not progress, desc="generate"):
+    # no tqdm object unless asked for: even a disabled bar starts tqdm's global monitor thread
+    steps = tqdm(range(max_new_tokens), desc="generate") if progress else range(max_new_tokens)
+    for _ in steps:
         if should_stop(stopping):
             break
         seen = torch.stack(new_ids, dim=1) if exempt is not None and new_ids else None

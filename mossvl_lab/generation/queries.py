@@ -342,13 +342,32 @@ def render_turn(processor: Any, query: Query, history: list[dict[str, Any]] | No
                 videos=[_video_source(v, processor, settings) for v in videos], media_kwargs=settings)
 
 
-def check_context(input_ids: Any, max_context: int | None, what: str = "the prompt") -> None:
-    """QueryError when the rendered input leaves no room in the model's context (max_position_embeddings)."""
+def positions_used(processor: Any, inputs: Any) -> list[int]:
+    """Text positions each batch item's input occupies: its real tokens, plus, for MOSS-VL, the extra positions
+    every frame placeholder consumes (max(h, w) / merge more than one token, spec moss-vl §4.2)."""
+    mask = inputs["attention_mask"].bool()
+    used = mask.sum(1).tolist()
+    grid = inputs.get("grid_thw")
+    if processor.style != "chatml" or grid is None:
+        return [int(n) for n in used]
+    merge = processor.config.merge_size
+    counts = inputs.get("media_nums_per_sample") or [grid.shape[0]]
+    has_frames = ((inputs["input_ids"] == processor.image_token_id) & mask).any(1).tolist()
+    start = 0
+    for b, count in enumerate(counts):
+        if has_frames[b]:  # an item without placeholders only carries the unreferenced blank image
+            used[b] += sum(int(t) * (max(int(h), int(w)) // merge) for t, h, w in grid[start:start + count].tolist())
+        start += count
+    return [int(n) for n in used]
+
+
+def check_context(length: int, max_context: int | None, what: str = "the prompt") -> None:
+    """QueryError when a rendered input occupying `length` positions leaves no room in the model's context
+    (text.max_position_embeddings)."""
     if max_context is None:
         return
-    length = int(input_ids.shape[-1])
     if length >= max_context:
-        raise QueryError(f"{what} is {length} tokens (history, media placeholders and template included) but the "
+        raise QueryError(f"{what} takes {length} positions (history, frames and template included) but the "
                          f"model's context is {max_context} (text.max_position_embeddings); shorten the prompt, use "
                          f"fewer frames (media_kwargs video_maxlen / max_frames) or start over with "
                          f"reset_session=True")
@@ -363,7 +382,7 @@ def build_turn(processor: Any, query: Query | dict, history: list[dict[str, Any]
     turn = render_turn(processor, query, history)
     inputs = processor(text=turn.text, images=turn.images or None, videos=turn.videos or None, padding_side="left",
                        **turn.media_kwargs)
-    check_context(inputs["input_ids"], max_context)
+    check_context(positions_used(processor, inputs)[0], max_context)
     return turn.messages, inputs
 
 
@@ -374,4 +393,5 @@ def answered(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
 
 __all__ = ["QueryError", "Query", "Turn", "QUERY_KEYS", "GENERATE_KWARG_TYPES", "MEDIA_KWARG_TYPES",
            "DEFAULT_GENERATE", "parse_query", "normalize_message", "render_turn", "build_turn", "check_context",
+           "positions_used",
            "processor_media_kwargs", "answered", "is_cancel", "is_stop"]

@@ -95,9 +95,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, pe
         return logits
     vocab = logits.shape[-1]
     seen = seen.to(logits.device).long()
-    hit = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
     in_range = (seen >= 0) & (seen < vocab)
-    hit.scatter_(1, seen.clamp(0, vocab - 1), in_range)  # rows with no valid id scatter False
+    counts = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+    counts.scatter_add_(1, seen.clamp(0, vocab - 1), in_range.long())  # add, so out-of-range ids never un-mark
+    hit = counts > 0
     if exempt is not None:
         exempt_ids = torch.as_tensor(sorted(exempt) if not isinstance(exempt, torch.Tensor) else exempt,
                                      dtype=torch.long, device=logits.device)

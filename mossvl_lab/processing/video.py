@@ -330,17 +330,23 @@ def _open(path: str | os.PathLike, backend: Backend | None, num_threads: int) ->
 def _collect(frames: Iterator[tuple[float, np.ndarray]], n: int, what: str, progress: bool | None
              ) -> tuple[np.ndarray, list[float]]:
     """Gather up to `n` frames into one preallocated array; drop a failing tail as the spec allows."""
-    from tqdm import tqdm  # only needed here; keeps `import` of this module cheap
-
     show = progress if progress is not None else n > _AUTO_PROGRESS_FRAMES
+    bar = None
+    if show:  # even a disabled tqdm bar starts tqdm's monitor thread, so build one only when shown
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=f"decoding {what}", unit="frame")
     out, pts = None, []
-    with tqdm(total=n, desc=f"decoding {what}", unit="frame", disable=not show) as bar:
+    try:
         for t, frame in frames:
             if out is None:  # one allocation: stacking a list would hold every frame twice
                 out = np.empty((n, *frame.shape), dtype=np.uint8)
             out[len(pts)] = frame
             pts.append(t)
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     missing = n - len(pts)
     # spec §2.1 step 4: a few undecodable tail frames are dropped; more than 2 and >10 % is an error
     if not pts or (missing > 2 and missing > 0.1 * n):
