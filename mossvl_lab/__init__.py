@@ -33,12 +33,16 @@ _LAZY = {
 }
 
 
+# submodules reachable as attributes (ml.swaps.swap, ml.interventions.zero_gates) without importing them eagerly
+_LAZY_MODULES = ("widgets", "swaps", "interventions", "streaming", "processing", "generation", "hooks", "presets")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
-    if name == "widgets":
-        return importlib.import_module("mossvl_lab.widgets")
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"mossvl_lab.{name}")
     raise AttributeError(f"module 'mossvl_lab' has no attribute {name!r}")
