@@ -1,0 +1,1 @@
+"""Procedural data for training and evaluating the tiny shipped models."""

@@ -1,0 +1,201 @@
+"""Procedural timestamped clips: coloured shapes that appear, leave, move and change colour, at 1 fps.
+
+Every clip comes with what a real-time model should say (a caption at each event frame, silence
+elsewhere; the answer to a mid-stream question once its evidence is visible, revised when the scene
+changes) and offline QA pairs that need timestamps. Seeds decide everything, so held-out seeds form a
+fixed evaluation set (`EVAL_SEEDS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = ("square", "circle", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
+BACKGROUND = (96, 96, 96)
+GRID = 3                       # shapes sit in the cells of a GRID x GRID layout
+EVAL_SEEDS = range(1_000_000, 1_000_200)  # held out: training draws from seeds below 1_000_000
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    color: str
+    cell: int  # 0 .. GRID * GRID - 1, row-major
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class SceneEvent:
+    frame: int
+    kind: str          # appear | leave | move | recolor
+    shape: str
+    color: str         # the colour before the event (for recolor, the old colour)
+    new_color: str | None = None
+
+    @property
+    def caption(self) -> str:
+        if self.kind == "appear":
+            return f"a {self.color} {self.shape} appears"
+        if self.kind == "leave":
+            return f"the {self.color} {self.shape} leaves"
+        if self.kind == "move":
+            return f"the {self.color} {self.shape} moves"
+        return f"the {self.color} {self.shape} turns {self.new_color}"
+
+
+@dataclass(frozen=True)
+class Question:
+    """Asked after frame `asked_at`: 'what colour is the <shape>?'. Answered once the shape is visible
+    and again (revised) whenever its colour changes."""
+
+    asked_at: int
+    shape: str
+
+    @property
+    def text(self) -> str:
+        return f"what color is the {self.shape}?"
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Clip:
+    seed: int
+    frames: np.ndarray                 # [frame, height, width, 3] uint8
+    timestamps: tuple[float, ...]      # seconds, 1 fps
+    events: tuple[SceneEvent, ...]
+    question: Question | None
+    qa: tuple[QAPair, ...] = field(default=())
+
+    def speech(self) -> dict[int, str]:
+        """What the model should say after each frame (absent = silence): event captions, and the
+        answer to the question when its evidence appears or changes."""
+        said: dict[int, list[str]] = {}
+        for event in self.events:
+            said.setdefault(event.frame, []).append(event.caption)
+        if self.question is not None:
+            for frame, answer in question_answers(self):
+                said.setdefault(frame, []).append(answer)
+        return {frame: ", ".join(parts) for frame, parts in said.items()}
+
+
+def _draw(frame: np.ndarray, shape: Shape) -> None:
+    size = frame.shape[0]
+    cell = size // GRID
+    row, col = divmod(shape.cell, GRID)
+    y0, x0, r = row * cell, col * cell, cell // 2 - 2
+    cy, cx = y0 + cell // 2, x0 + cell // 2
+    yy, xx = np.mgrid[y0:y0 + cell, x0:x0 + cell]
+    if shape.shape == "square":
+        inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+    elif shape.shape == "circle":
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    else:  # triangle pointing up
+        inside = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
+    frame[y0:y0 + cell, x0:x0 + cell][inside] = COLORS[shape.color]
+
+
+def render(scene: list[Shape], size: int) -> np.ndarray:
+    frame = np.empty((size, size, 3), dtype=np.uint8)
+    frame[:] = BACKGROUND
+    for shape in scene:
+        _draw(frame, shape)
+    return frame
+
+
+def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: int = 40,
+              event_rate: float = 0.25, with_question: bool = True) -> Clip:
+    """One clip: at most one shape of each kind on screen; each second an event happens with
+    probability `event_rate` (never in the first frame, which only sets the scene)."""
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(min_seconds, max_seconds + 1))
+    scene: list[Shape] = []
+    frames, events = [], []
+    for t in range(length):
+        if t > 0 and rng.random() < event_rate:
+            event = _random_event(rng, scene, t)
+            if event is not None:
+                events.append(event)
+        frames.append(render(scene, size))
+    question = None
+    if with_question:
+        question = Question(asked_at=int(rng.integers(0, max(1, length // 2))), shape=str(rng.choice(SHAPES)))
+    clip = Clip(seed=seed, frames=np.stack(frames), timestamps=tuple(float(t) for t in range(length)),
+                events=tuple(events), question=question)
+    return Clip(seed=seed, frames=clip.frames, timestamps=clip.timestamps, events=clip.events,
+                question=question, qa=offline_qa(clip, rng))
+
+
+def _random_event(rng: np.random.Generator, scene: list[Shape], t: int) -> SceneEvent | None:
+    present = {s.shape for s in scene}
+    free_cells = [c for c in range(GRID * GRID) if c not in {s.cell for s in scene}]
+    options = []
+    if len(present) < len(SHAPES) and free_cells:
+        options.append("appear")
+    if scene:
+        options += ["leave", "recolor"] + (["move"] if free_cells else [])
+    if not options:
+        return None
+    kind = str(rng.choice(options))
+    if kind == "appear":
+        shape = Shape(str(rng.choice([s for s in SHAPES if s not in present])), str(rng.choice(list(COLORS))),
+                      int(rng.choice(free_cells)))
+        scene.append(shape)
+        return SceneEvent(t, "appear", shape.shape, shape.color)
+    target = scene[int(rng.integers(len(scene)))]
+    index = scene.index(target)
+    if kind == "leave":
+        scene.pop(index)
+        return SceneEvent(t, "leave", target.shape, target.color)
+    if kind == "move":
+        scene[index] = Shape(target.shape, target.color, int(rng.choice(free_cells)))
+        return SceneEvent(t, "move", target.shape, target.color)
+    new = str(rng.choice([c for c in COLORS if c != target.color]))
+    scene[index] = Shape(target.shape, new, target.cell)
+    return SceneEvent(t, "recolor", target.shape, target.color, new_color=new)
+
+
+def question_answers(clip: Clip) -> list[tuple[int, str]]:
+    """(frame, answer) for the mid-stream question: the colour at the question if the shape is visible, then a
+    revision whenever the shape appears, changes colour or leaves. Never before the evidence exists."""
+    q = clip.question
+    color, answers = None, []
+    for t in range(len(clip.timestamps)):
+        changes = [e for e in clip.events if e.frame == t and e.shape == q.shape and e.kind != "move"]
+        for event in changes:
+            color = {"appear": event.color, "recolor": event.new_color, "leave": None}[event.kind]
+        if t == q.asked_at and color is not None:
+            answers.append((t, f"the {q.shape} is {color}"))
+        elif t > q.asked_at and changes:
+            answers.append((t, f"the {q.shape} is {color}" if color is not None else f"the {q.shape} is gone"))
+    return answers
+
+
+def offline_qa(clip: Clip, rng: np.random.Generator) -> tuple[QAPair, ...]:
+    """Questions whose answers need timestamps: what happened at a time, and when something happened."""
+    pairs = []
+    for event in clip.events:
+        pairs.append(QAPair(f"what happened at {clip.timestamps[event.frame]:.1f} seconds?", event.caption))
+        if event.kind in ("appear", "leave"):
+            verb = "appear" if event.kind == "appear" else "leave"
+            pairs.append(QAPair(f"when did the {event.color} {event.shape} {verb}?",
+                                f"at {clip.timestamps[event.frame]:.1f} seconds"))
+    order = rng.permutation(len(pairs)) if pairs else []
+    return tuple(pairs[i] for i in order)
+
+
+def write_clip(clip: Clip, path: str | Path) -> Path:
+    """The clip as an mp4 at 1 fps through the video backend."""
+    from ..processing.video import write_video
+    return write_video(clip.frames, path, fps=1.0)
