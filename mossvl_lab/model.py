@@ -249,6 +249,31 @@ class MossModel(nn.Module):
         from .generation.offline import stop_offline_generate
         stop_offline_generate(self)
 
+    def real_time_generate(self, image_queue: Any, prompt_queue: Any, token_queue: Any, processor: Any,
+                           **kwargs: Any) -> None:
+        """The cards' blocking real-time loop: frames and prompts in, text / markers out (streaming.threads)."""
+        from .streaming.threads import real_time_generate
+        real_time_generate(self, image_queue, prompt_queue, token_queue, processor, **kwargs)
+
+    def stop_real_time_generate(self) -> None:
+        from .streaming.threads import stop_real_time_generate
+        stop_real_time_generate(self)
+
+    def create_realtime_session(self, processor: Any, initial_prompt: str | None = None,
+                                system_prompt: str | None = None, frame_queue_size: int = 256,
+                                max_tokens_per_turn: float | None = None, **generate_kwargs: Any) -> Any:
+        """MOSS-VL's session API: a ThreadedSession (start / push_frame / push_prompt / poll_output / close)."""
+        from .streaming.threads import create_realtime_session
+        return create_realtime_session(self, processor, initial_prompt, system_prompt, frame_queue_size,
+                                       max_tokens_per_turn, **generate_kwargs)
+
+    def online_generate(self, processor: Any, input_queue: Any, output_queue: Any, frame_queue_size: int = 256,
+                        max_tokens_per_turn: float | None = None, **generate_kwargs: Any) -> None:
+        """MOSS-VL's blocking queue API: frame / prompt / stop messages in, text / markers out (streaming.threads)."""
+        from .streaming.threads import online_generate
+        online_generate(self, processor, input_queue, output_queue, frame_queue_size, max_tokens_per_turn,
+                        **generate_kwargs)
+
     def offline_batch_generate(self, processor: Any, queries: list[dict], session_states: list | None = None,
                                vision_chunked_length: int = 64) -> dict:
         """Left-padded batched generation with per-item multi-turn state (generation.offline)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -33,3 +35,17 @@ def check_frame(image: Any) -> Image.Image:
             raise FrameInputError("frame contains NaN or infinite pixels")
         array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
     return Image.fromarray(array, "RGB")
+
+
+class FrameTimestampError(ValueError):
+    """Frame timestamps are seconds from the stream start: finite, >= 0 and never going backwards."""
+
+
+def check_timestamp(timestamp: Any) -> float:
+    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real):
+        raise FrameTimestampError(f"a frame timestamp must be a number of seconds from the stream start, got "
+                                  f"{timestamp!r}")
+    value = float(timestamp)
+    if not math.isfinite(value) or value < 0:
+        raise FrameTimestampError(f"frame timestamp {value} must be finite and >= 0 (seconds from the stream start)")
+    return value

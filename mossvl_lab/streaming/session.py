@@ -26,16 +26,15 @@ from ..processing.templates import (IMAGE, barge_in_text, family_style, moss_rea
                                     realtime_system_prompt)
 from .events import (Decision, Event, FrameDropped, FrameIngested, PromptAccepted, RoundEnd, RoundStart,
                      TextDelta)
-from .inputs import check_frame
+from .inputs import FrameTimestampError, check_frame, check_timestamp
 from .policies import ArgmaxPolicy, DecisionContext
+
+
+TRANSCRIPT_CHARS = 100_000  # the transcript view keeps the newest text of very long streams
 
 
 class SessionClosedError(RuntimeError):
     """The session was closed; create a new one to continue."""
-
-
-class FrameTimestampError(ValueError):
-    """Frame timestamps must not go backwards (seconds from the stream start)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class RealtimeSession:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt or ""}]
         self._initial_text = processor.apply_chat_template(messages, add_generation_prompt=True)
         self.stream = StreamState()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition(threading.RLock())
         self._frames: deque[tuple[float, Any]] = deque()
         self._prompts: deque[str] = deque()
         self._dropped: list[FrameDropped] = []
@@ -101,7 +100,8 @@ class RealtimeSession:
         self._frames_ingested = 0
         self._frames_dropped = 0
         self._tokens_generated = 0
-        self._transcript: list[str] = []
+        self._transcript: deque[str] = deque()
+        self._transcript_chars = 0
         self._last_token_time = 0.0
 
     # ------------------------------------------------------------------ input (any thread)
@@ -109,8 +109,7 @@ class RealtimeSession:
     def push_frame(self, image: Any, timestamp: float) -> bool:
         """Queue a frame (PIL image, HxWx3 array or encoded bytes) at `timestamp` seconds.
         Returns True when the queue was full and the oldest pending frame was dropped."""
-        frame = check_frame(image)
-        timestamp = float(timestamp)
+        frame, timestamp = check_frame(image), check_timestamp(timestamp)
         with self._lock:
             self._ensure_open()
             if self._last_pushed_ts is not None and timestamp < self._last_pushed_ts:
@@ -125,6 +124,16 @@ class RealtimeSession:
                 self._frames_dropped += 1
             self._frames.append((timestamp, frame))
             self._lock.notify_all()
+            return dropped
+
+    def push_prompt_frame(self, prompt: str, image: Any, timestamp: float) -> bool:
+        """A prompt and a frame that land in the same step: the new assistant turn opens with the trained
+        `<|silence|>` and sees the frame. Nothing is queued if either is invalid."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"push_prompt_frame expects a str prompt, got {type(prompt).__name__}")
+        with self._lock:  # re-entrant: both pushes become one unit for the next drain
+            dropped = self.push_frame(image, timestamp)
+            self._prompts.append(prompt)
             return dropped
 
     def push_prompt(self, text: str) -> None:
@@ -170,8 +179,8 @@ class RealtimeSession:
         started = time.perf_counter()
         ids, images, timestamps = list(self._pending), [], []
         if prompts and self._speaking:
+            events += self._end_turn()
             events.append(RoundEnd(step=self._step, interrupted=True))
-            self._end_turn()
         for text in prompts:
             ids += self._encode(barge_in_text(self.family, text))
             events.append(PromptAccepted(text=text))
@@ -249,8 +258,8 @@ class RealtimeSession:
         self._pending, self._parked = [token], token == self.silence_id
         if token == self.silence_id:
             if self._speaking:
+                events += self._end_turn()
                 events.append(RoundEnd(step=self._step))
-                self._end_turn()
             return events
         if not self._speaking:
             self._speaking, self._turn_tokens = True, 0
@@ -260,16 +269,22 @@ class RealtimeSession:
         self._last_token_time = time.monotonic()
         text = self._decoder.push(token)
         if text:
-            self._transcript.append(text)
+            self._add_text(text)
             events.append(TextDelta(text=text))
         return events
 
-    def _end_turn(self) -> None:
+    def _end_turn(self) -> list[Event]:
+        """Close the answer: whatever the decoder still holds becomes a last TextDelta."""
         rest = self._decoder.flush()
-        if rest:
-            self._transcript.append(rest)
         self._speaking = False
-        self._transcript.append("\n")
+        self._add_text(rest + "\n")
+        return [TextDelta(text=rest)] if rest else []
+
+    def _add_text(self, text: str) -> None:
+        self._transcript.append(text)
+        self._transcript_chars += len(text)
+        while self._transcript_chars > TRANSCRIPT_CHARS and len(self._transcript) > 1:  # long streams stay bounded
+            self._transcript_chars -= len(self._transcript.popleft())
 
     def _pace(self) -> None:
         wait = self._last_token_time + 1.0 / self.max_tokens_per_second - time.monotonic()
