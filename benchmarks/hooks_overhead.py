@@ -81,9 +81,10 @@ def main(argv=None) -> None:
             for fn in runs.values():
                 fn()  # warm-up
             times = {k: [] for k in runs}
-            for _ in range(args.rounds):
-                for key, fn in runs.items():
-                    times[key].append(_time(fn, 3 if label == "prefill forward" else 20))
+            for round_index in range(args.rounds):
+                order = list(runs) if round_index % 2 == 0 else list(reversed(list(runs)))  # neither always first
+                for key in order:
+                    times[key].append(_time(runs[key], 3 if label == "prefill forward" else 20))
             results[label] = {k: statistics.median(v) for k, v in times.items()}
 
     print(f"preset {args.preset}: {removed} hook points; {args.frames} frames + {args.text} tokens; "

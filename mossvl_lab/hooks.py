@@ -53,6 +53,12 @@ class HookPoint(nn.Module):
 def name_hook_points(root: nn.Module, rename: Callable[[str], str] = lambda s: s) -> dict[str, HookPoint]:
     """Give every HookPoint under `root` its public name (module path, optionally rewritten)."""
     points = {}
+    for parent in root.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, HookPoint):
+                # also an instance attribute: `self.hook_x(...)` then skips nn.Module.__getattr__, which matters
+                # at ~150 idle sites per forward; `_modules` still owns it for named_modules and moves
+                object.__setattr__(parent, attr, child)
     for path, module in root.named_modules():
         if isinstance(module, HookPoint):
             module.name = rename(path)
