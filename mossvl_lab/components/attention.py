@@ -33,9 +33,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     """
     scale = q.shape[-1] ** -0.5
     if not eager:
-        mask = None if allowed is None else allowed.unsqueeze(1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return _grouped_sdpa(q, k, v, allowed, scale)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if allowed is not None:
@@ -44,6 +42,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     if pattern_hook is not None:
         pattern = pattern_hook(pattern)
     return torch.matmul(pattern, v)
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """SDPA that never copies K/V per query head: the query heads sharing a kv head are folded into the query
+    axis ([batch, kv_head, group * query_pos, d_head]). Expanding K/V instead (what `enable_gqa` does on CPU)
+    copies the whole cache every step, which dominates decoding once hundreds of frames are cached."""
+    batch, heads, length, d_head = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # streaming rows usually see every cached key: then the mask only costs time (SDPA's unmasked path is faster)
+    mask = None if allowed is None or bool(allowed.all()) else allowed.unsqueeze(1)  # [batch, 1, query_pos, key_pos]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    folded = q.reshape(batch, kv_heads, group * length, d_head)  # head h = kv * group + r, as in expand_kv
+    if mask is not None:
+        mask = mask.unsqueeze(2).expand(batch, 1, group, length, mask.shape[-1]).reshape(batch, 1, group * length, -1)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, length, d_head)
 
 
 class HeadProjections(nn.Module):
