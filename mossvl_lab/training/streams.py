@@ -1,0 +1,101 @@
+"""Training sequences laid out exactly as a RealtimeSession feeds them at inference.
+
+Realtime stream (both families; spec video-preview §5.4, moss-vl §6.3):
+
+    chat(system, user(initial prompt)) + assistant header      (no loss)
+    <|silence|>                                                (decision before any frame: loss)
+    for each frame k:
+        [barge-in: close turn, user(question), assistant header, <|silence|> opener]  (no loss)
+        frame k tokens (<|image|>, or MOSS-VL's <|vision_start|><|time_start|>X.X seconds<|time_end|>
+                        <|image_pad|><|vision_end|>)                                   (no loss)
+        decision: <|silence|>, or [<|response|>] answer text <|silence|>                (loss)
+
+The session forwards a chosen token together with the next input, so this one sequence is what the
+caches hold after streaming the clip; end-of-turn tokens and placeholders never carry loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.synthetic import Clip
+from ..processing.templates import IMAGE, barge_in_text, family_style, moss_realtime_frame_text, \
+    realtime_system_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class TrainingSample:
+    input_ids: torch.Tensor                 # [pos]
+    labels: torch.Tensor                    # [pos]; IGNORE where no loss
+    vision: dict[str, Any] = field(default_factory=dict)  # the processor's vision tensors for this sample alone
+    frame_timestamps: list[float] = field(default_factory=list)
+
+
+class _Builder:
+    def __init__(self, processor: Any) -> None:
+        self.tok = processor.tokenizer
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+
+    def text(self, text: str, target: bool = False) -> None:
+        self.tokens(self.tok.encode(text, add_special_tokens=False), target)
+
+    def tokens(self, ids: list[int], target: bool = False) -> None:
+        self.ids += ids
+        self.labels += ids if target else [IGNORE] * len(ids)
+
+
+def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt: str | None = None,
+                    initial_prompt: str = "", timestamps: bool = True) -> TrainingSample:
+    """The whole clip as one realtime training sequence; `timestamps=False` drops the MOSS-VL time text
+    from each frame (the timestamp ablation)."""
+    family, tokens = model_cfg.family, model_cfg.tokens
+    silence = tokens.silence_token_id
+    if silence is None:
+        raise ValueError("realtime training needs tokens.silence_token_id in the model config")
+    chatml = family_style(family) == "chatml"
+    response = tokens.response_token_id if chatml else None
+    build = _Builder(processor)
+    system = realtime_system_prompt(family) if system_prompt is None else system_prompt
+    build.text(processor.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": initial_prompt}]))
+    build.tokens([silence], target=True)
+    speech = clip.speech()
+    for k, ts in enumerate(clip.timestamps):
+        if clip.question is not None and clip.question.asked_at == k:
+            build.text(barge_in_text(family, clip.question.text))
+            build.tokens([silence])  # the opener the session inserts when a frame follows the prompt
+        if chatml:
+            frame = moss_realtime_frame_text(ts) if timestamps else f"<|vision_start|>{IMAGE}<|vision_end|>"
+            build.text(frame.replace(IMAGE, "<|image_pad|>"))
+        else:
+            build.tokens([tokens.image_token_id])
+        said = speech.get(k)
+        if said is not None:
+            build.tokens(([response] if response is not None else []) + build.tok.encode(said), target=True)
+        build.tokens([silence], target=True)
+    vision = processor(IMAGE * len(clip.timestamps), images=list(clip.frames))
+    keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
+    return TrainingSample(input_ids=torch.tensor(build.ids), labels=torch.tensor(build.labels),
+                          vision={k: v for k, v in vision.items() if k in keep},
+                          frame_timestamps=list(clip.timestamps))
+
+
+def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any) -> TrainingSample:
+    """An offline turn: the clip as a video (MOSS-VL: with its timestamps) + a question -> the answer."""
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                       {"type": "text", "text": question}]}])
+    close = "<|im_end|>\n" if family_style(processor.family) == "chatml" else "<|eot_id|>"
+    video = {"frames": clip.frames, "timestamps": list(clip.timestamps)}
+    prompt = processor(text, videos=[video])
+    answer_ids = processor.tokenizer.encode(answer + close, add_special_tokens=False)
+    ids = torch.cat([prompt["input_ids"][0], torch.tensor(answer_ids)])
+    labels = torch.cat([torch.full_like(prompt["input_ids"][0], IGNORE), torch.tensor(answer_ids)])
+    keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
+    return TrainingSample(input_ids=ids, labels=labels, vision={k: v for k, v in prompt.items() if k in keep},
+                          frame_timestamps=list(clip.timestamps))

@@ -1,0 +1,45 @@
+"""Training sequences equal, token for token, what a RealtimeSession feeds when it follows the targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mossvl_lab as ml
+from mossvl_lab.data.synthetic import make_clip
+from mossvl_lab.streaming.policies import TeacherForcedPolicy
+from mossvl_lab.streaming.session import RealtimeSession
+from mossvl_lab.training.streams import IGNORE, realtime_sample
+
+SIZES = {"video-preview-tiny": 56, "moss-vl-tiny": 64}
+
+
+@pytest.mark.parametrize("preset", list(SIZES))
+def test_realtime_sample_is_what_the_session_feeds(preset):
+    cfg = ml.config.preset(preset)
+    torch.manual_seed(0)
+    model = ml.build_model(cfg).eval()
+    processor = ml.processor_for_model(cfg)
+    clip = make_clip(11, size=SIZES[preset], min_seconds=8, max_seconds=10)
+    assert clip.speech(), "pick a seed whose clip has something to say"
+    sample = realtime_sample(clip, processor, cfg)
+    decisions = [int(t) for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
+    fed = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None)),
+                                             with_kwargs=True)
+    session = RealtimeSession(model, processor, policy=TeacherForcedPolicy(decisions))
+    session.step()
+    for k, frame in enumerate(clip.frames):
+        if clip.question.asked_at == k:
+            session.push_prompt(clip.question.text)
+        session.push_frame(frame, clip.timestamps[k])
+        session.step()
+        while not session._parked:  # speak until the scripted silence
+            session.step()
+    handle.remove()
+    streamed = torch.cat([ids[0] for ids in fed])
+    # the session has fed everything but the last decision, which stays pending
+    assert torch.equal(streamed, sample.input_ids[:-1])
+    assert int(sample.input_ids[-1]) == cfg.tokens.silence_token_id
+    frames = int((sample.input_ids == cfg.tokens.image_token_id).sum())
+    assert frames == len(clip.frames) and (sample.labels[sample.input_ids == cfg.tokens.image_token_id] == IGNORE).all()
