@@ -1,7 +1,9 @@
 """The `mossvl-lab` command.
 
-Heavy imports (torch, numpy, the model) happen inside the subcommands so `mossvl-lab --help`
-stays instant and a broken optional dependency only breaks the command that needs it.
+    mossvl-lab demo [--checkpoint DIR] [--seed N] [--out demo.png]
+    mossvl-lab stream VIDEO --checkpoint DIR [--prompt TEXT] [--fps 1] [--out stream.png]
+
+Heavy imports happen inside the subcommands so `mossvl-lab --help` stays instant.
 """
 
 from __future__ import annotations
@@ -9,96 +11,80 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
-def _moving_square(n_frames: int, size: int, seed: int):
-    """Synthetic clip: a white square sliding left to right over noise. -> uint8 [frame, H, W, 3]"""
-    import numpy as np
+def _load(checkpoint: str | None, preset: str):
+    import mossvl_lab as ml
+    from mossvl_lab.demo import DEFAULT_CHECKPOINT
 
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 64, size=(n_frames, size, size, 3), dtype=np.uint8)
-    side = max(1, size // 4)
-    for i in range(n_frames):
-        x = (i * (size - side)) // max(1, n_frames - 1)
-        frames[i, size // 2 - side // 2:size // 2 + side - side // 2, x:x + side] = 255
-    return frames
+    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    if (path / "config.json").exists():
+        return ml.load_model(path), ml.load_processor(path), str(path)
+    if checkpoint:
+        raise SystemExit(f"no checkpoint at {path} (expected config.json, *.safetensors and tokenizer files)")
+    print(f"note: {path} has no trained checkpoint yet; using a randomly initialised {preset} "
+          f"(it will talk nonsense)", file=sys.stderr)
+    cfg = ml.config.preset(preset)
+    return ml.build_model(cfg).eval(), ml.processor_for_model(cfg), f"random {preset}"
 
 
-def _demo_inputs(cfg, n_frames: int, seed: int) -> dict:
-    """Mllama-style inputs for one clip: one tile per frame, one image token + 3 text tokens per frame."""
-    import torch
+def _report(trace, out: str, title: str, started: float) -> None:
+    from mossvl_lab.viz.timeline import plot_trace
 
-    size = cfg.vision.image_size
-    clip = torch.from_numpy(_moving_square(n_frames, size, seed))              # [frame, H, W, 3] uint8
-    pixels = clip.permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)       # [frame, 3, H, W] in [-1, 1]
-    pixel_values = pixels[None, :, None]                                        # [batch, frame, tile, 3, H, W]
-
-    t = cfg.tokens
-    special = {t.image_token_id, t.bos_token_id, t.pad_token_id, *t.eos_token_ids,
-               t.silence_token_id, t.response_token_id, t.ellipsis_token_id}
-    text_ids = torch.tensor([i for i in range(cfg.text.vocab_size) if i not in special])
-    gen = torch.Generator().manual_seed(seed)
-    ids = [t.bos_token_id]
-    for _ in range(n_frames):
-        pick = text_ids[torch.randint(len(text_ids), (3,), generator=gen)]
-        ids += [t.image_token_id, *pick.tolist()]
-
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),                     # [batch, pos]
-        "pixel_values": pixel_values,
-        "aspect_ratio_ids": torch.ones(1, n_frames, dtype=torch.long),         # [batch, frame]
-        "aspect_ratio_mask": torch.ones(1, n_frames, 1, dtype=torch.long),     # [batch, frame, tile]
-    }
+    print(trace.timeline())
+    print(f"wrote {plot_trace(trace, out, title=title)} ({time.perf_counter() - started:.1f} s)")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from mossvl_lab.data.synthetic import EVAL_SEEDS, make_clip
+    from mossvl_lab.demo import trace_synthetic
 
-    import mossvl_lab as ml
-
-    torch.manual_seed(args.seed)
-    cfg = ml.config.preset(args.preset)
-    start = time.perf_counter()
-    model = ml.build_model(cfg).eval()
-    build_s = time.perf_counter() - start
-
-    inputs = _demo_inputs(cfg, args.frames, args.seed)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model(**inputs)
-    forward_s = time.perf_counter() - start
-
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"preset            {args.preset} (random weights, seed {args.seed})")
-    print(f"parameters        {n_params:,}")
-    for name, value in inputs.items():
-        print(f"{name:<17} {tuple(value.shape)}")
-    print(f"logits            {tuple(out.logits.shape)}")
-    print(f"build             {build_s * 1000:.1f} ms")
-    print(f"forward           {forward_s * 1000:.1f} ms")
+    started = time.perf_counter()
+    model, processor, where = _load(args.checkpoint, args.preset)
+    size = getattr(model.config.vision, "image_size", 64)
+    clip = make_clip(args.seed if args.seed is not None else EVAL_SEEDS[0], size=size, max_seconds=args.max_seconds)
+    print(f"model: {where}; held-out clip seed {clip.seed}: {len(clip.timestamps)} s, "
+          f"question at {clip.question.asked_at} s: {clip.question.text!r}")
+    print("expected speech: " + "; ".join(f"{k}s {text}" for k, text in sorted(clip.speech().items())))
+    _report(trace_synthetic(model, processor, clip), args.out, f"{where}: clip {clip.seed}", started)
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _stream(args: argparse.Namespace) -> int:
+    from mossvl_lab.demo import trace_clip
+    from mossvl_lab.processing.video import VideoSampling, decode_video
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mossvl-lab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a tiny random model and run one forward on a synthetic clip")
-    demo.add_argument("--preset", default="video-preview-tiny", help="config preset name (default: %(default)s)")
-    demo.add_argument("--frames", type=_positive_int, default=4, help="frames in the synthetic clip (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for weights, clip and text ids (default: %(default)s)")
-    demo.set_defaults(run=_demo)
-    return parser
+    started = time.perf_counter()
+    model, processor, where = _load(args.checkpoint, args.preset)
+    video = decode_video(args.video, VideoSampling.moss_vl(video_fps=args.fps, max_frames=args.max_frames))
+    question = (0, args.prompt) if args.prompt else None
+    trace = trace_clip(model, processor, video.frames, list(video.timestamps), question=question)
+    _report(trace, args.out, f"{where}: {Path(args.video).name}", started)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="mossvl-lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="stream a held-out synthetic clip through the shipped checkpoint")
+    demo.add_argument("--checkpoint", help="checkpoint directory (default: checkpoints/video-preview-tiny)")
+    demo.add_argument("--preset", default="video-preview-tiny", help="random model when no checkpoint exists")
+    demo.add_argument("--seed", type=int, help="clip seed (default: the first held-out seed)")
+    demo.add_argument("--max-seconds", type=int, default=20)
+    demo.add_argument("--out", default="demo.png")
+    demo.set_defaults(run=_demo)
+    stream = sub.add_parser("stream", help="stream any video file through a checkpoint")
+    stream.add_argument("video")
+    stream.add_argument("--checkpoint", required=True)
+    stream.add_argument("--preset", default="video-preview-tiny")
+    stream.add_argument("--prompt", default="")
+    stream.add_argument("--fps", type=float, default=1.0)
+    stream.add_argument("--max-frames", type=int, default=64)
+    stream.add_argument("--out", default="stream.png")
+    stream.set_defaults(run=_stream)
+    args = parser.parse_args(argv)
     return args.run(args)
 
 

@@ -154,6 +154,11 @@ class RealtimeSession:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def waiting_for_input(self) -> bool:
+        """True once the last decision was <|silence|>: `step()` does nothing until a frame or prompt arrives."""
+        return self._parked
+
     def _ensure_open(self) -> None:
         if self._closed:
             raise SessionClosedError("this RealtimeSession is closed; create a new one to continue")
