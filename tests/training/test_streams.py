@@ -34,7 +34,7 @@ def test_realtime_sample_is_what_the_session_feeds(preset):
             session.push_prompt(clip.question.text)
         session.push_frame(frame, clip.timestamps[k])
         session.step()
-        while not session._parked:  # speak until the scripted silence
+        while not session.waiting_for_input:  # speak until the scripted silence
             session.step()
     handle.remove()
     streamed = torch.cat([ids[0] for ids in fed])

@@ -1,0 +1,125 @@
+"""The synthetic streaming benchmark: held-out clips streamed through a RealtimeSession, scored by `metrics`.
+
+Each clip is played frame by frame with the greedy ArgmaxPolicy: the mid-stream question is pushed together
+with its frame (the layout training uses), and after each frame the session steps until it parks on
+`<|silence|>` (a per-turn token cap forces the silence), so whatever it says in that round is "speech after
+that frame". For families whose frames carry timestamps (MOSS-VL) the clip's offline timestamp questions are
+also answered with greedy `model.generate` on the prompt `offline_qa_sample` trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..data.synthetic import EVAL_SEEDS, Clip, make_clip
+from ..processing.templates import family_style
+from ..streaming.events import RoundEnd, RoundStart, TextDelta
+from ..streaming.policies import ArgmaxPolicy
+from ..streaming.session import RealtimeSession
+from .metrics import Metrics, score_clip, score_qa
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EVAL_CLIPS = 50
+
+
+def default_frame_size(processor: Any) -> int:
+    """Render clips at the size the processor feeds the tower (Mllama tile side); 64 px for MOSS-VL."""
+    return int(processor.config.image_size) if family_style(processor.family) == "llama3" else 64
+
+
+def eval_clips(seeds: Iterable[int], frame_size: int, clip_seconds: tuple[int, int] = (8, 20)) -> list[Clip]:
+    return [make_clip(int(s), size=frame_size, min_seconds=clip_seconds[0], max_seconds=clip_seconds[1])
+            for s in seeds]
+
+
+def stream_clip(model: Any, processor: Any, clip: Clip, *, max_tokens_per_turn: int = 64,
+                policy: Any = None) -> dict[int, str]:
+    """{frame: text} the model says after each frame of `clip` (default policy: greedy ArgmaxPolicy); absent =
+    silence. Speech before the first frame (the decision right after the prompt) counts as speech at frame 0."""
+    session = RealtimeSession(model, processor, policy=policy if policy is not None else ArgmaxPolicy(),
+                              max_tokens_per_turn=max_tokens_per_turn)
+    said: dict[int, list[str]] = {}
+
+    def run_round(frame: int) -> None:
+        speaking, parts = False, []
+        events = session.step()
+        while True:
+            for event in events:
+                if isinstance(event, RoundStart):
+                    speaking = True
+                elif isinstance(event, TextDelta) and speaking:
+                    parts.append(event.text)
+                elif isinstance(event, RoundEnd):
+                    speaking = False
+            if session.waiting_for_input:  # the round is over
+                break
+            events = session.step()
+        text = "".join(parts).strip()
+        if text:
+            said.setdefault(frame, []).append(text)
+
+    try:
+        run_round(0)  # prefill: the decision before any frame
+        for k, frame in enumerate(clip.frames):
+            if clip.question is not None and clip.question.asked_at == k:
+                session.push_prompt(clip.question.text)
+            session.push_frame(frame, clip.timestamps[k])
+            run_round(k)
+    finally:
+        session.close()
+    return {k: " ".join(parts) for k, parts in said.items()}
+
+
+def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max_new_tokens: int = 24) -> str:
+    """Greedy answer to an offline question about the whole clip (the prompt of `offline_qa_sample`)."""
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                       {"type": "text", "text": question}]}])
+    inputs = processor(text, videos=[{"frames": clip.frames, "timestamps": list(clip.timestamps)}])
+    inputs.pop("cross_attention_mask", None)  # training uses the default visibility (frames at or before a token)
+    device = model.embed_tokens.weight.device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    prompt = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, prompt:].tolist()
+    eos = set(model.config.tokens.eos_token_ids) | {model.config.tokens.pad_token_id}
+    end = next((i for i, t in enumerate(new) if t in eos), len(new))
+    return processor.decode(new[:end], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, frame_size: int | None = None,
+             clip_seconds: tuple[int, int] = (8, 20), qa: bool | None = None, qa_per_clip: int = 2,
+             max_tokens_per_turn: int = 64, max_clips: int | None = None, progress: bool = False) -> Metrics:
+    """Stream held-out clips (default: the first DEFAULT_EVAL_CLIPS of EVAL_SEEDS) and score them.
+
+    qa: also answer up to `qa_per_clip` offline timestamp questions per clip (default: when the family's frames
+    carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. The model is put in eval mode
+    for the run and restored after."""
+    seeds = list(EVAL_SEEDS[:DEFAULT_EVAL_CLIPS] if seeds is None else seeds)
+    if max_clips is not None:
+        seeds = seeds[:max_clips]
+    frame_size = default_frame_size(processor) if frame_size is None else frame_size
+    qa = family_style(processor.family) == "chatml" if qa is None else qa
+    was_training = model.training
+    model.eval()
+    total = Metrics()
+    try:
+        clips = eval_clips(seeds, frame_size, clip_seconds)
+        if progress:
+            from tqdm.auto import tqdm
+            clips = tqdm(clips, desc="eval", leave=False)
+        for clip in clips:
+            predicted = stream_clip(model, processor, clip, max_tokens_per_turn=max_tokens_per_turn)
+            total = total + score_clip(clip.speech(), predicted, len(clip.frames))
+            if qa:
+                pairs = [(answer_offline(model, processor, clip, p.question), p.answer) for p in clip.qa[:qa_per_clip]]
+                total = total + score_qa(pairs)
+    finally:
+        model.train(was_training)
+    logger.info("eval on %d clips: %s", total.clips, total.summary())
+    return total

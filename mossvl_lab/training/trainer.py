@@ -1,0 +1,331 @@
+"""Train any config on the synthetic streaming clips: AdamW, warmup + cosine, silence-weighted loss, periodic eval.
+
+    python -m mossvl_lab.training.trainer --preset video-preview-tiny --steps 200 --out runs/vp
+    torchrun --nproc_per_node 2 -m mossvl_lab.training.trainer --preset video-preview-tiny --steps 200 --out runs/vp
+
+Global sample i of the run is clip seed `(seed * 7919 + i * 104729) mod 1_000_000` (a bijection on the training
+seeds, all below the held-out EVAL_SEEDS), or `train_seeds[i mod n]` when fixed seeds are given, so the
+global batch of a step does not depend on the number of processes. Under torchrun each rank takes its
+contiguous slice of the global batch; the loss is the weighted sum over the GLOBAL number of target tokens, so
+the gradients (after DDP's averaging, undone by a factor world_size) equal the one-process run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.synthetic import EVAL_SEEDS, make_clip
+from ..processing.templates import family_style
+from . import distributed
+from .batching import collate, weighted_lm_loss
+from .evaluate import default_frame_size, evaluate
+from .metrics import Metrics
+from .streams import TrainingSample, offline_qa_sample, realtime_sample
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SEED_LIMIT = 1_000_000  # EVAL_SEEDS start here
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8                      # global: split evenly over the processes
+    lr: float = 2e-3
+    weight_decay: float = 0.01               # on matrices only (not norms, gates, biases)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1                # the cosine ends at lr * min_lr_ratio
+    silence_weight: float = 1.0              # loss weight of <|silence|> targets (spec video-preview §5.6)
+    eval_every: int = 0                      # steps between evaluations; 0 = only at the end
+    eval_clips: int = 20                     # held-out clips per evaluation; 0 = no evaluation
+    seed: int = 0
+    grad_clip: float | None = 1.0
+    clip_seconds: tuple[int, int] = (8, 20)  # clip length range, training and evaluation
+    frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
+    offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
+    out_dir: str | None = None               # checkpoint + processor + train_log.json (None = nothing saved)
+    log_every: int = 10
+    train_seeds: tuple[int, ...] = ()        # fixed clip seeds to cycle through (overfitting, tests)
+    max_tokens_per_turn: int = 64            # evaluation: per-turn token cap
+
+    def __post_init__(self) -> None:
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+                  "warmup_steps": 0 <= self.warmup_steps, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+                  "silence_weight": self.silence_weight >= 0, "eval_every": self.eval_every >= 0,
+                  "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
+                  "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
+                  "offline_qa_fraction": 0 <= self.offline_qa_fraction <= 1,
+                  "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"TrainConfig: invalid {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]          # one row per step: step, loss, lr, grad_norm, tokens
+    final_metrics: Metrics | None            # the last evaluation (None when eval_clips == 0)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", **metrics} per evaluation
+    out_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based `step`: linear warmup to cfg.lr, then cosine down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def clip_seed(index: int, cfg: TrainConfig) -> int:
+    if cfg.train_seeds:
+        return cfg.train_seeds[index % len(cfg.train_seeds)]
+    return (cfg.seed * 7_919 + index * 104_729) % TRAIN_SEED_LIMIT
+
+
+def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, frame_size: int) -> TrainingSample:
+    """Global sample `index` of the run: a realtime stream, or (MOSS-VL, with probability offline_qa_fraction)
+    an offline timestamp question about the clip."""
+    clip = make_clip(clip_seed(index, cfg), size=frame_size, min_seconds=cfg.clip_seconds[0],
+                     max_seconds=cfg.clip_seconds[1])
+    rng = np.random.default_rng([cfg.seed, index])
+    if cfg.offline_qa_fraction and clip.qa and family_style(model_cfg.family) == "chatml" \
+            and rng.random() < cfg.offline_qa_fraction:
+        pair = clip.qa[int(rng.integers(len(clip.qa)))]
+        return offline_qa_sample(clip, pair.question, pair.answer, processor)
+    return realtime_sample(clip, processor, model_cfg)
+
+
+def open_gates(model: Any, value: float) -> int:
+    """Set every learned cross-attention gate (gate kind "tanh_scalar") to `value`; returns how many were set.
+
+    The zero init of the gates (Flamingo, Mllama) keeps a pretrained language model intact; a model trained from
+    scratch gets almost no gradient into its cross-attention weights through closed gates, so its vision path
+    barely learns (a tiny preset stays silent on every frame after 250 steps with closed gates; with 0.5 it
+    starts to detect events within 150)."""
+    count = 0
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block, "gated", False):
+                block.cross_attn_attn_gate.fill_(value)
+                block.cross_attn_mlp_gate.fill_(value)
+                count += 2
+    return count
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train `model` in place. Under torchrun (its env set) data parallel over the process group; rank 0 alone
+    shows the progress bar, evaluates and saves. A model built from scratch learns its vision path far faster
+    with open cross-attention gates: call `open_gates(model, 0.5)` first (the CLI does)."""
+    info = distributed.init_distributed(next(model.parameters()).device.type)
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} does not split over {info.world_size} processes")
+    device = info.device if info.enabled else next(model.parameters()).device
+    model.to(device).train()
+    model_cfg = model.config
+    frame_size = cfg.frame_size or default_frame_size(processor)
+    runner = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=False)
+    optimizer = _optimizer(model, cfg)
+    per_rank = cfg.batch_size // info.world_size
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, Any]] = []
+    final: Metrics | None = None
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, desc="train")
+    started = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            first = step * cfg.batch_size + info.rank * per_rank
+            samples = [make_sample(i, cfg, processor, model_cfg, frame_size) for i in range(first, first + per_rank)]
+            loss, grad_norm, tokens = _step(runner, model, optimizer, samples, cfg, info, device)
+            history.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens})
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % cfg.log_every == 0 or step == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if info.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                logger.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f", step + 1, cfg.steps, loss, lr, grad_norm)
+            last = step + 1 == cfg.steps
+            if cfg.eval_clips and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                if info.is_main:
+                    final = evaluate(model, processor, EVAL_SEEDS[:cfg.eval_clips], frame_size=frame_size,
+                                     clip_seconds=cfg.clip_seconds, max_tokens_per_turn=cfg.max_tokens_per_turn)
+                    evals.append({"step": step + 1, **final.to_dict()})
+                    if bar is not None:
+                        bar.write(f"step {step + 1} eval: {final.summary()}")
+                distributed.barrier()
+            if out_dir is not None and info.is_main and (last or evals and evals[-1]["step"] == step + 1):
+                _save(model, processor, cfg, out_dir, history, evals, info.world_size,
+                      time.perf_counter() - started)
+    finally:
+        if bar is not None:
+            bar.close()
+    distributed.barrier()
+    return TrainResult(history=history, final_metrics=final, evals=evals, out_dir=out_dir,
+                       seconds=time.perf_counter() - started)
+
+
+def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: list[TrainingSample],
+          cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> tuple[float, float, int]:
+    """One optimizer step on this rank's slice of the global batch -> (global loss, grad norm, global targets).
+
+    The loss is the weighted sum over the GLOBAL number of targets; DDP averages gradients over the ranks, so
+    each rank's loss is scaled by world_size and the result is the gradient of the whole batch's loss."""
+    tokens = model.config.tokens
+    batch = collate(samples, model.config.family, tokens.pad_token_id)
+    labels = batch.pop("labels").to(device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    logits = runner(**batch).logits
+    loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight)
+    total = distributed.all_reduce_sum(n_targets).clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum * info.world_size / total).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    optimizer.step()
+    loss = distributed.all_reduce_sum(loss_sum.detach()) / total
+    return float(loss), float(grad_norm), int(total)
+
+
+def _save(model: Any, processor: Any, cfg: TrainConfig, out_dir: Path, history: list, evals: list,
+          world_size: int, seconds: float) -> None:
+    from ..checkpoints import save_model
+    save_model(model, out_dir)
+    processor.save_pretrained(out_dir)
+    log = {"train_config": dataclasses.asdict(cfg), "world_size": world_size, "seconds": seconds,
+           "history": history, "evals": evals, "final_metrics": evals[-1] if evals else None}
+    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, processor) for the CLI: a preset (+ overrides, + toy vision) built with the run's seed and its
+    cross-attention gates opened to --gate-init, or the checkpoint --init (used as it is)."""
+    import mossvl_lab as ml
+    from ..config import ToyConvConfig, override
+
+    if args.init:
+        return ml.load_model(args.init, progress=False).train(), ml.load_processor(args.init)
+    cfg = ml.config.preset(args.preset)
+    changes = dict(item.split("=", 1) for item in args.override)
+    changes = {k: _parse_value(v) for k, v in changes.items()}
+    if args.toy_vision:
+        size = getattr(cfg.vision, "image_size", None)
+        if family_style(cfg.family) != "llama3" or size is None:
+            raise SystemExit("--toy-vision needs a family with the Mllama processor layout (video_preview, mllama)")
+        changes["vision"] = ToyConvConfig(image_size=size)
+    if changes:
+        cfg = override(cfg, changes)
+    torch.manual_seed(args.seed)
+    model = ml.build_model(cfg)
+    open_gates(model, args.gate_init)
+    return model, ml.processor_for_model(cfg)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m mossvl_lab.training.trainer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a preset name (mossvl_lab.config.presets())")
+    src.add_argument("--init", help="start from this checkpoint directory (config, weights and tokenizer)")
+    p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
+                   help="config override, e.g. text.num_layers=2 or 'text.cross_attention_layers=[1]'")
+    p.add_argument("--toy-vision", action="store_true", help="replace the vision tower by the toy conv encoder")
+    p.add_argument("--gate-init", type=float, default=0.5,
+                   help="initial cross-attention gates of a model built from --preset (0 = the zero init)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, train_log.json)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--silence-weight", type=float, default=d.silence_weight)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-clips", type=int, default=d.eval_clips)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 = no clipping")
+    p.add_argument("--clip-seconds", type=int, nargs=2, default=list(d.clip_seconds), metavar=("MIN", "MAX"))
+    p.add_argument("--frame-size", type=int, default=d.frame_size)
+    p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--train-seeds", default="", help="comma-separated fixed clip seeds (default: endless stream)")
+    p.add_argument("--max-tokens-per-turn", type=int, default=d.max_tokens_per_turn)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                       silence_weight=args.silence_weight, eval_every=args.eval_every, eval_clips=args.eval_clips,
+                       seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
+                       frame_size=args.frame_size, offline_qa_fraction=args.offline_qa_fraction, out_dir=args.out,
+                       log_every=args.log_every,
+                       train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),
+                       max_tokens_per_turn=args.max_tokens_per_turn)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = distributed.init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        model, processor = build_from_args(args)
+        model.to(info.device)
+        result = train(model, processor, cfg, progress=not args.no_progress)
+        if info.is_main and result.final_metrics is not None:
+            print(f"final eval: {result.final_metrics.summary()}")
+        return result
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
