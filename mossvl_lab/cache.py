@@ -138,14 +138,10 @@ class TextKVCache:
         return before - self.memory_bytes()
 
     def mark(self) -> dict:
-        return {"layers": {i: g.length for i, g in self._layers.items()}, "key_valid": self.key_valid}
+        return {"layers": _layer_lengths(self._layers), "key_valid": self.key_valid}
 
     def restore(self, mark: dict) -> None:
-        for i, layer in list(self._layers.items()):
-            if i in mark["layers"]:
-                layer.truncate(mark["layers"][i])
-            else:
-                del self._layers[i]
+        _restore_layers(self._layers, mark["layers"])
         self.key_valid = mark["key_valid"]
 
 
@@ -307,18 +303,27 @@ class VisionKVCache:
             self.segments[i] = dataclasses.replace(s, token_span=(s.token_span[0] - removed, s.token_span[1] - removed))
 
     def mark(self) -> dict:
-        return {"layers": {i: g.length for i, g in self._layers.items()}, "segments": len(self.segments),
+        return {"layers": _layer_lengths(self._layers), "segments": len(self.segments),
                 "num_tokens": self.num_tokens, "tensors": (self.anchor_positions, self.frame_valid, self.key_frame)}
 
     def restore(self, mark: dict) -> None:
-        for i, layer in list(self._layers.items()):
-            if i in mark["layers"]:
-                layer.truncate(mark["layers"][i])
-            else:
-                del self._layers[i]
+        _restore_layers(self._layers, mark["layers"])
         del self.segments[mark["segments"]:]
         self.num_tokens = mark["num_tokens"]
         self.anchor_positions, self.frame_valid, self.key_frame = mark["tensors"]
+
+
+def _layer_lengths(layers: dict[int, _Growable]) -> dict[int, int]:
+    return {i: g.length for i, g in layers.items()}
+
+
+def _restore_layers(layers: dict[int, _Growable], lengths: dict[int, int]) -> None:
+    """Roll every layer back to its marked length; layers created after the mark disappear."""
+    for i, layer in list(layers.items()):
+        if i in lengths:
+            layer.truncate(lengths[i])
+        else:
+            del layers[i]
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+from media import write_audio_only
 
 from mossvl_lab.processing import video as V
 
@@ -226,14 +227,7 @@ def bad_files(tmp_path_factory, clip_10s):
     data = (root / "faststart.mp4").read_bytes()
     (root / "cut_faststart.mp4").write_bytes(data[: len(data) // 2])
     (root / "empty.mp4").write_bytes(b"")
-    with av.open(str(root / "tone.m4a"), "w") as c:  # 1 s of a 440 Hz sine, no video stream
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)[None]
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        c.mux(s.encode(frame))
-        c.mux(s.encode())
+    write_audio_only(root / "tone.m4a")  # no video stream
     (root / "folder.mp4").mkdir()
     return root
 
