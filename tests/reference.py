@@ -42,3 +42,13 @@ def tiny_transformers_mllama(seed: int = 0):
             if "tile" in name and "embedding" in name:
                 param.normal_(0, 0.5, generator=generator)
     return model.eval()
+
+
+def tiny_model(preset: str, seed: int = 0):
+    """A randomly initialised model of a preset in eval mode, with every gate non-zero."""
+    import mossvl_lab as ml
+
+    torch.manual_seed(seed)
+    model = ml.build_model(ml.config.preset(preset)).eval()
+    set_gates_nonzero(model, torch.Generator().manual_seed(seed + 1))
+    return model

@@ -6,16 +6,13 @@ import pytest
 import torch
 
 import mossvl_lab as ml
-from reference import set_gates_nonzero
+from reference import tiny_model
 
 TOL = 1e-5
 
 
 def _model(preset: str) -> ml.MossModel:
-    torch.manual_seed(0)
-    model = ml.build_model(ml.config.preset(preset)).eval()
-    set_gates_nonzero(model, torch.Generator().manual_seed(1))
-    return model
+    return tiny_model(preset)
 
 
 def _stream(model, frames: int, first_token_is_frame: bool, seed: int = 0):

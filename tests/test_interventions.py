@@ -9,14 +9,11 @@ import mossvl_lab as ml
 from mossvl_lab.config import ToyConvConfig
 from mossvl_lab.interventions import ablate_frames, frame_attention_mass, hide_frames, patch_from, zero_gates
 from mossvl_lab.swaps import swap
-from reference import set_gates_nonzero
+from reference import tiny_model
 
 
 def _model(preset="video-preview-tiny", seed=0):
-    torch.manual_seed(seed)
-    model = ml.build_model(ml.config.preset(preset)).eval()
-    set_gates_nonzero(model, torch.Generator().manual_seed(seed + 1))
-    return model
+    return tiny_model(preset, seed)
 
 
 def _clip(model, seed=0):

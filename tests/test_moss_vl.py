@@ -7,7 +7,7 @@ import torch
 import mossvl_lab as ml
 from mossvl_lab.positions import offline_positions
 from mossvl_lab.visibility import cursor_positions
-from reference import set_gates_nonzero
+from reference import tiny_model
 
 TOL = 1e-5
 
@@ -60,10 +60,7 @@ def test_11b_manifest_has_exactly_the_published_895_keys():
 
 
 def _model(seed=0) -> ml.MossModel:
-    torch.manual_seed(seed)
-    model = ml.build_model(ml.config.preset("moss-vl-tiny")).eval()
-    set_gates_nonzero(model, torch.Generator().manual_seed(seed + 1))
-    return model
+    return tiny_model("moss-vl-tiny", seed)
 
 
 def _frames(model, sizes, seed=0):

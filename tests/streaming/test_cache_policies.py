@@ -19,16 +19,13 @@ from mossvl_lab.interventions import hide_frames
 from mossvl_lab.streaming.cache_policies import (CachePolicy, PoolAged, TextWindow, Unbounded, VisionWindow,
                                                  apply_policies)
 from mossvl_lab.streaming.events import CacheEvicted, FrameDropped
-from reference import set_gates_nonzero
+from reference import tiny_model
 
 TOL = 1e-5
 
 
 def _model(preset: str) -> ml.MossModel:
-    torch.manual_seed(0)
-    model = ml.build_model(ml.config.preset(preset)).eval()
-    set_gates_nonzero(model, torch.Generator().manual_seed(1))
-    return model
+    return tiny_model(preset)
 
 
 @pytest.fixture(autouse=True, scope="module")
