@@ -26,7 +26,8 @@ import torch
 
 from .masks import MaskRule, mllama_cross_attention_mask, moss_cross_attention_mask
 from .templates import (IMAGE, TEMPLATES, VIDEO, PlaceholderCountError, check_timestamps, collect_media,
-                        expand_moss_media, expand_video_placeholders, find_placeholders, render_chat, split_media)
+                        expand_moss_media, expand_video_placeholders, find_placeholders, realtime_system_prompt,
+                        render_chat, split_media)
 from .tokenizer import (REQUIRED_SPECIALS, ProcessingError, Tokenizer, as_id_list, build_tiny_tokenizer, family_style,
                         load_tokenizer, save_tokenizer)
 
@@ -66,6 +67,13 @@ class ProcessingConfig:
     cross_mask_rule: MaskRule = "cumulative"
     blank_image_for_text_only: bool = False  # MOSS-VL: text-only samples carry a blank image (spec §2.2)
     padding_side: Literal["left", "right"] = "left"
+    # the system turn of real-time sessions and realtime training samples; None = the family's published prompt.
+    # The shipped tiny checkpoints train with a one-line prompt (the published ones are ~560 tokens, most of a
+    # tiny model's compute), so it travels with the checkpoint and sessions pick it up.
+    realtime_system_prompt: str | None = None
+    # MOSS-VL: write each frame's "<|time_start|>X.X seconds<|time_end|>" into prompts (offline videos and
+    # real-time frames). False is the timestamp ablation; it travels with a checkpoint trained that way.
+    frame_timestamps: bool = True
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -215,7 +223,8 @@ class Processor:
 
     def _expand(self, text: str, media: list[tuple[str, Any]]) -> str:
         if self.style == "chatml":
-            return expand_moss_media(text, [None if kind == "image" else v[1] for kind, v in media])
+            return expand_moss_media(text, [None if kind == "image" else v[1] for kind, v in media],
+                                     with_time=self.config.frame_timestamps)
         return expand_video_placeholders(text, [len(v[1]) for kind, v in media if kind == "video"])
 
     def _pad(self, ids: list[list[int]], settings: ProcessingConfig, padding: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +336,12 @@ class Processor:
         return out
 
     # ------------------------------------------------------------------ files
+
+    def default_realtime_system_prompt(self) -> str:
+        """The system prompt a RealtimeSession uses when none is given: this processor's setting, else the
+        family's published real-time prompt."""
+        custom = self.config.realtime_system_prompt
+        return realtime_system_prompt(self.family) if custom is None else custom
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """tokenizer.json, tokenizer_config.json and processor_config.json."""

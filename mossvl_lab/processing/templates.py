@@ -218,10 +218,12 @@ def barge_in_text(family: str, prompt: str) -> str:
             + template.generation_prompt())
 
 
-def moss_realtime_frame_text(timestamp: float) -> str:
-    """One realtime MOSS-VL frame (spec moss-vl §6.3), with the `<|image|>` placeholder still in it."""
+def moss_realtime_frame_text(timestamp: float, with_time: bool = True) -> str:
+    """One realtime MOSS-VL frame (spec moss-vl §6.3), with the `<|image|>` placeholder still in it.
+    with_time=False leaves out the timestamp text (the timestamp ablation)."""
     check_timestamps([timestamp])
-    return f"<|vision_start|><|time_start|>{timestamp:.1f} seconds<|time_end|>{IMAGE}<|vision_end|>"
+    time_text = f"<|time_start|>{timestamp:.1f} seconds<|time_end|>" if with_time else ""
+    return f"<|vision_start|>{time_text}{IMAGE}<|vision_end|>"
 
 
 def collect_media(messages: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
@@ -283,18 +285,21 @@ def expand_video_placeholders(text: str, frame_counts: Sequence[int]) -> str:
     return "".join(out)
 
 
-def moss_video_text(timestamps: Sequence[float]) -> str:
-    """One MOSS-VL video unit: vision_start, per frame the timestamp then its image_pad, vision_end."""
+def moss_video_text(timestamps: Sequence[float], with_time: bool = True) -> str:
+    """One MOSS-VL video unit: vision_start, per frame the timestamp (unless with_time=False) then its image_pad,
+    vision_end."""
     if len(timestamps) == 0:
         raise PlaceholderCountError("a video needs at least one frame")
     check_timestamps(timestamps)
-    frames = "".join(f"<|time_start|>{float(ts):.1f} seconds<|time_end|>{IMAGE_PAD}" for ts in timestamps)
+    frames = "".join((f"<|time_start|>{float(ts):.1f} seconds<|time_end|>" if with_time else "") + IMAGE_PAD
+                     for ts in timestamps)
     return f"<|vision_start|>{frames}<|vision_end|>"
 
 
-def expand_moss_media(text: str, media: Sequence[Sequence[float] | None]) -> str:
+def expand_moss_media(text: str, media: Sequence[Sequence[float] | None], with_time: bool = True) -> str:
     """MOSS-VL: replace the placeholders of `text` in order. `media` has one entry per placeholder in text
-    order: None for an image (-> one `<|image_pad|>`), the frame timestamps (seconds) for a video."""
+    order: None for an image (-> one `<|image_pad|>`), the frame timestamps (seconds) for a video (written into
+    the text unless with_time=False)."""
     slots = find_placeholders(text)
     is_video = [m is not None for m in media]
     counts = (slots.count(IMAGE), slots.count(VIDEO))
@@ -305,7 +310,7 @@ def expand_moss_media(text: str, media: Sequence[Sequence[float] | None]) -> str
         if (slot == VIDEO) != video:
             raise PlaceholderCountError(f"placeholder {k} is {slot} but media entry {k} is "
                                         f"{'a video' if video else 'an image'}; list media in text order")
-    pieces = iter(IMAGE_PAD if m is None else moss_video_text(m) for m in media)
+    pieces = iter(IMAGE_PAD if m is None else moss_video_text(m, with_time) for m in media)
     return PLACEHOLDER_RE.sub(lambda _: next(pieces), text)
 
 

@@ -52,12 +52,18 @@ class SessionView:
     transcript: str
 
 
+def _default_system_prompt(processor: Any, family: str) -> str:
+    chosen = getattr(processor, "default_realtime_system_prompt", None)
+    return chosen() if chosen is not None else realtime_system_prompt(family)
+
+
 class RealtimeSession:
     def __init__(self, model: Any, processor: Any, system_prompt: str | None = None, prompt: str | None = None,
                  policy: Any = None, cache_policy: Any = None, max_frames_queued: int = 256, *,
                  max_tokens_per_second: float | None = None, max_tokens_per_turn: int | None = None,
                  silence_after_prompt: str = "if_frame", topk: int = 5) -> None:
-        """system_prompt: None = the family's real-time prompt; prompt: the initial user turn ("" if None).
+        """system_prompt: None = the processor's `default_realtime_system_prompt()` (a checkpoint may carry its
+        own; otherwise the family's published real-time prompt); prompt: the initial user turn ("" if None).
         cache_policy: one policy or a list (streaming.cache_policies). silence_after_prompt: when a barge-in
         prompt opens the new assistant turn with the trained `<|silence|>` opener: "if_frame" (only when a
         frame follows in the same segment, the HF trace) or "always" (sglang-omni), spec moss-vl §12.6."""
@@ -78,7 +84,7 @@ class RealtimeSession:
         banned = [self._special("<|...|>", model.config.tokens.ellipsis_token_id, required=False),
                   model.config.tokens.image_token_id]
         self._banned = tuple(sorted({b for b in banned if b is not None and b < model.config.text.vocab_size}))
-        system = realtime_system_prompt(self.family) if system_prompt is None else system_prompt
+        system = _default_system_prompt(processor, self.family) if system_prompt is None else system_prompt
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt or ""}]
         self._initial_text = processor.apply_chat_template(messages, add_generation_prompt=True)
         self.stream = StreamState()
@@ -299,7 +305,8 @@ class RealtimeSession:
 
     def _frame_ids(self, timestamp: float) -> list[int]:
         if family_style(self.family) == "chatml":  # <|vision_start|><|time_start|>X.X seconds<|time_end|>...
-            return self._encode(moss_realtime_frame_text(timestamp).replace(IMAGE, "<|image_pad|>"))
+            with_time = getattr(getattr(self.processor, "config", None), "frame_timestamps", True)
+            return self._encode(moss_realtime_frame_text(timestamp, with_time).replace(IMAGE, "<|image_pad|>"))
         return [self.model.config.tokens.image_token_id]
 
     def _encode(self, text: str) -> list[int]:

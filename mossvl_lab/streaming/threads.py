@@ -292,7 +292,8 @@ def real_time_generate(model: Any, image_queue: Any, prompt_queue: Any, token_qu
 
     image_queue: PIL images (or HxWx3 arrays, encoded bytes), or `(image, timestamp)` pairs (MOSS-VL's form);
     timestamps as in the module docstring. prompt_queue: user texts (barge-in). token_queue: output chunks.
-    prompt: the initial user turn ("" by default, as the card); system_prompt: None = the family's real-time one.
+    prompt: the initial user turn ("" by default, as the card); system_prompt: None = the
+    checkpoint's (processor's) real-time prompt.
     """
     def make(stop: threading.Event) -> ThreadedSession:
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0):

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..data.synthetic import Clip
-from ..processing.templates import IMAGE, barge_in_text, family_style, moss_realtime_frame_text, \
-    realtime_system_prompt
+from ..processing.templates import IMAGE, barge_in_text, family_style, moss_realtime_frame_text
 
 IGNORE = -100
 
@@ -51,9 +50,10 @@ class _Builder:
 
 
 def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt: str | None = None,
-                    initial_prompt: str = "", timestamps: bool = True) -> TrainingSample:
-    """The whole clip as one realtime training sequence; `timestamps=False` drops the MOSS-VL time text
-    from each frame (the timestamp ablation)."""
+                    initial_prompt: str = "") -> TrainingSample:
+    """The whole clip as one realtime training sequence. The system prompt defaults to the processor's real-time
+    prompt and MOSS-VL frames carry their time text unless the processor's `frame_timestamps` is False (the
+    timestamp ablation), exactly as a RealtimeSession with that processor feeds them."""
     family, tokens = model_cfg.family, model_cfg.tokens
     silence = tokens.silence_token_id
     if silence is None:
@@ -61,7 +61,7 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
     chatml = family_style(family) == "chatml"
     response = tokens.response_token_id if chatml else None
     build = _Builder(processor)
-    system = realtime_system_prompt(family) if system_prompt is None else system_prompt
+    system = processor.default_realtime_system_prompt() if system_prompt is None else system_prompt
     build.text(processor.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": initial_prompt}]))
     build.tokens([silence], target=True)
@@ -71,7 +71,7 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
             build.text(barge_in_text(family, clip.question.text))
             build.tokens([silence])  # the opener the session inserts when a frame follows the prompt
         if chatml:
-            frame = moss_realtime_frame_text(ts) if timestamps else f"<|vision_start|>{IMAGE}<|vision_end|>"
+            frame = moss_realtime_frame_text(ts, processor.config.frame_timestamps)
             build.text(frame.replace(IMAGE, "<|image_pad|>"))
         else:
             build.tokens([tokens.image_token_id])

@@ -258,7 +258,19 @@ def build_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     torch.manual_seed(args.seed)
     model = ml.build_model(cfg)
     open_gates(model, args.gate_init)
-    return model, ml.processor_for_model(cfg)
+    return model, ml.processor_for_model(cfg, config=processing_config(cfg, args))
+
+
+def processing_config(cfg: Any, args: argparse.Namespace) -> Any:
+    """The family's processing settings with --processor overrides and --system-prompt applied; they are saved
+    with the checkpoint, so evaluation and sessions on it read frames and prompts as training did."""
+    from ..processing.processor import ProcessingConfig
+
+    changes = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.processor)}
+    if args.system_prompt is not None:
+        changes["realtime_system_prompt"] = args.system_prompt
+    base = ProcessingConfig.for_model(cfg)
+    return ProcessingConfig.from_dict({**base.to_dict(), **changes})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,6 +285,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--toy-vision", action="store_true", help="replace the vision tower by the toy conv encoder")
     p.add_argument("--gate-init", type=float, default=0.5,
                    help="initial cross-attention gates of a model built from --preset (0 = the zero init)")
+    p.add_argument("--processor", action="append", default=[], metavar="FIELD=JSON",
+                   help="processing setting override, e.g. video_min_pixels=4096 (saved with the checkpoint)")
+    p.add_argument("--system-prompt", default=None,
+                   help="real-time system prompt to train with (saved with the checkpoint; default: the family's)")
     p.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, train_log.json)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")

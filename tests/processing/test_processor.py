@@ -15,7 +15,7 @@ from mossvl_lab.processing import masks as M
 from mossvl_lab.processing.processor import (Processor, ProcessorArgumentError, ProcessingConfig,
                                              TokenizerMismatchError, collect_media, load_processor,
                                              processor_for_model)
-from mossvl_lab.processing.templates import PlaceholderCountError, TimestampOrderError
+from mossvl_lab.processing.templates import PlaceholderCountError, TimestampOrderError, realtime_system_prompt
 from mossvl_lab.processing.tokenizer import Tokenizer, build_tiny_tokenizer
 
 IMG = 99
@@ -281,6 +281,21 @@ def test_save_and_load(procs, tmp_path):
     (tmp_path / "b" / "processor_config.json").unlink()
     loaded = load_processor(tmp_path / "b")
     assert loaded.family == "video_preview" and loaded.config == ProcessingConfig.for_model(cfg)
+
+
+def test_checkpoint_prompt_settings_travel_and_apply(procs, tmp_path):
+    p = procs["moss-vl-tiny"]
+    custom = Processor(p.family, p.tokenizer, dataclasses.replace(p.config, realtime_system_prompt="Be brief.",
+                                                                  frame_timestamps=False))
+    custom.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert loaded.default_realtime_system_prompt() == "Be brief."
+    assert p.default_realtime_system_prompt() == realtime_system_prompt("moss_vl")
+    video = {"frames": np.zeros((3, 64, 64, 3), np.uint8), "timestamps": [0.0, 1.0, 2.0]}
+    with_time = p.tokenizer.decode(p("<|video|>", videos=[video])["input_ids"][0].tolist())
+    without = loaded.tokenizer.decode(loaded("<|video|>", videos=[video])["input_ids"][0].tolist())
+    assert with_time.count("seconds") == 3 and "seconds" not in without
+    assert without.count("<|image_pad|>") == with_time.count("<|image_pad|>") > 0
 
 
 def test_tokenizer_must_match_the_config(tmp_path):

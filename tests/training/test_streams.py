@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import mossvl_lab as ml
 from mossvl_lab.data.synthetic import make_clip
+from mossvl_lab.processing.processor import ProcessingConfig
 from mossvl_lab.streaming.policies import TeacherForcedPolicy
 from mossvl_lab.streaming.session import RealtimeSession
 from mossvl_lab.training.streams import IGNORE, realtime_sample
@@ -14,12 +17,17 @@ from mossvl_lab.training.streams import IGNORE, realtime_sample
 SIZES = {"video-preview-tiny": 56, "moss-vl-tiny": 64}
 
 
-@pytest.mark.parametrize("preset", list(SIZES))
-def test_realtime_sample_is_what_the_session_feeds(preset):
+# (preset, processor settings): the published prompts, and a checkpoint's own short prompt without frame times
+CASES = [("video-preview-tiny", {}), ("moss-vl-tiny", {}),
+         ("moss-vl-tiny", {"realtime_system_prompt": "Say what changes.", "frame_timestamps": False})]
+
+
+@pytest.mark.parametrize("preset,settings", CASES)
+def test_realtime_sample_is_what_the_session_feeds(preset, settings):
     cfg = ml.config.preset(preset)
     torch.manual_seed(0)
     model = ml.build_model(cfg).eval()
-    processor = ml.processor_for_model(cfg)
+    processor = ml.processor_for_model(cfg, config=replace(ProcessingConfig.for_model(cfg), **settings))
     clip = make_clip(11, size=SIZES[preset], min_seconds=8, max_seconds=10)
     assert clip.speech(), "pick a seed whose clip has something to say"
     sample = realtime_sample(clip, processor, cfg)
@@ -41,5 +49,9 @@ def test_realtime_sample_is_what_the_session_feeds(preset):
     # the session has fed everything but the last decision, which stays pending
     assert torch.equal(streamed, sample.input_ids[:-1])
     assert int(sample.input_ids[-1]) == cfg.tokens.silence_token_id
+    text = processor.decode(sample.input_ids.tolist())
+    assert ("Say what changes." in text) == bool(settings)
+    if cfg.family == "moss_vl":
+        assert ("1.0 seconds" in text) != bool(settings)
     frames = int((sample.input_ids == cfg.tokens.image_token_id).sum())
     assert frames == len(clip.frames) and (sample.labels[sample.input_ids == cfg.tokens.image_token_id] == IGNORE).all()
