@@ -2,6 +2,8 @@
 
     mossvl-lab demo [--checkpoint DIR] [--seed N] [--out demo.png]
     mossvl-lab stream VIDEO --checkpoint DIR [--prompt TEXT] [--fps 1] [--out stream.png]
+    mossvl-lab eval --checkpoint DIR [--clips N] [--json OUT] [--cache-policy JSON]
+    mossvl-lab ablate SPEC [--out DIR] [--jobs N] [--only VARIANT] [--report-only]
 
 Heavy imports happen inside the subcommands so `mossvl-lab --help` stays instant.
 """
@@ -9,6 +11,8 @@ Heavy imports happen inside the subcommands so `mossvl-lab --help` stays instant
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,6 +68,73 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Score a checkpoint on the first held-out clips; exit 0 when every target of its family is met."""
+    import mossvl_lab as ml
+    from mossvl_lab.data.synthetic import EVAL_SEEDS
+    from mossvl_lab.training.evaluate import DEFAULT_EVAL_CLIPS, cache_policy_from_spec, check_targets, evaluate
+
+    path = Path(args.checkpoint)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"no checkpoint at {path} (expected config.json, *.safetensors and tokenizer files)")
+    clips = DEFAULT_EVAL_CLIPS if args.clips is None else args.clips
+    if not 1 <= clips <= len(EVAL_SEEDS):
+        raise SystemExit(f"--clips must be in 1..{len(EVAL_SEEDS)}, got {clips}")
+    log = path / "train_log.json"
+    # evaluate as the model was trained: its clip lengths, frame size and per-turn token cap
+    trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
+    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn") if trained.get(k) is not None}
+    if trained.get("clip_seconds"):
+        settings["clip_seconds"] = tuple(trained["clip_seconds"])
+    model, processor = ml.load_model(path, progress=False), ml.load_processor(path)
+    try:
+        policies = cache_policy_from_spec(json.loads(args.cache_policy), model) if args.cache_policy else None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        raise SystemExit(f"--cache-policy: {exc}") from None
+    started = time.perf_counter()
+    metrics = evaluate(model, processor, EVAL_SEEDS[:clips], progress=True, cache_policy=policies, **settings)
+    print(f"{path}: {metrics.clips} held-out clips, {metrics.frames} frames "
+          f"({time.perf_counter() - started:.1f} s)")
+    print(metrics.summary())
+    results = check_targets(metrics, model.config.family)
+    for target, value, met in results:
+        shown = "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+        print(f"  {'ok  ' if met else 'MISS'} {target.label}: {shown} (target {target.op} {100 * target.value:.0f}%)")
+    passed = all(met for _, _, met in results)
+    missed = [t.label for t, _, met in results if not met]
+    print("PASS: every target met" if passed else f"FAIL: not met: {', '.join(missed)}")
+    if args.json:
+        report = {"checkpoint": str(path), "settings": settings, "metrics": metrics.to_dict(),
+                  "targets": [{"metric": t.metric, "op": t.op, "target": t.value,
+                               "value": None if math.isnan(v) else v, "met": met} for t, v, met in results],
+                  "passed": passed}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if passed else 1
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    """Run the spec's missing runs (unless --report-only), then write and print the report."""
+    from mossvl_lab.training.ablate import AblationSpecError, load_spec, plan, run_all
+    from mossvl_lab.training.ablate_report import markdown_table, write_report
+
+    try:
+        spec = load_spec(args.spec)
+        out = Path(args.out) if args.out else Path("ablations") / spec.name
+        runs = plan(spec, out, tuple(args.only))
+        failed = [] if args.report_only else run_all(runs, jobs=args.jobs)
+    except AblationSpecError as exc:
+        raise SystemExit(f"ablate: {exc}") from None
+    summary, files = write_report(spec, out)
+    if not summary:
+        raise SystemExit(f"ablate: no finished runs under {out / 'runs'} (run without --report-only first)")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    print(markdown_table(summary))
+    missing = [r.label for r in runs if not (r.dir / "metrics.json").exists()]
+    if missing:
+        print(f"not finished: {', '.join(missing)}" + (f" ({len(failed)} failed)" if failed else ""))
+    return 1 if failed or missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mossvl-lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--max-frames", type=int, default=64)
     stream.add_argument("--out", default="stream.png")
     stream.set_defaults(run=_stream)
+    ev = sub.add_parser("eval", help="score a checkpoint on the held-out synthetic benchmark against the targets")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (its train_log.json, if any, sets "
+                                                         "clip lengths and frame size)")
+    ev.add_argument("--clips", type=int, default=None, help="held-out clips (default: DEFAULT_EVAL_CLIPS, 50)")
+    ev.add_argument("--json", help="also write the metrics and target checks to this JSON file")
+    ev.add_argument("--cache-policy", help='session cache policy as JSON, e.g. \'{"window": {"frames": 4}}\'')
+    ev.set_defaults(run=_eval)
+    ablate = sub.add_parser("ablate", help="train + evaluate every variant x seed of an ablation spec, then report")
+    ablate.add_argument("spec", help="YAML or JSON spec (see mossvl_lab.training.ablate)")
+    ablate.add_argument("--out", help="output directory (default: ablations/<spec name>)")
+    ablate.add_argument("--jobs", type=int, default=1, help="runs at once, each a one-thread subprocess when > 1")
+    ablate.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                        help="run only this variant (repeatable); the report still covers every finished run")
+    ablate.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
+    ablate.set_defaults(run=_ablate)
     args = parser.parse_args(argv)
     return args.run(args)
 

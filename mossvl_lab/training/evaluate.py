@@ -5,18 +5,24 @@ with its frame (the layout training uses), and after each frame the session step
 `<|silence|>` (a per-turn token cap forces the silence), so whatever it says in that round is "speech after
 that frame". For families whose frames carry timestamps (MOSS-VL) the clip's offline timestamp questions are
 also answered with greedy `model.generate` on the prompt `offline_qa_sample` trains on.
+
+`TARGETS` are the benchmark's pass marks (issue 7); `check_targets` scores a `Metrics` against them, so the
+`mossvl-lab eval` command and CI checks share one definition.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from ..data.synthetic import EVAL_SEEDS, Clip, make_clip
 from ..processing.templates import family_style
+from ..streaming import cache_policies
 from ..streaming.events import RoundEnd, RoundStart, TextDelta
 from ..streaming.policies import ArgmaxPolicy
 from ..streaming.session import RealtimeSession
@@ -25,6 +31,71 @@ from .metrics import Metrics, score_clip, score_qa
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_CLIPS = 50
+
+
+@dataclass(frozen=True)
+class Target:
+    """One pass mark: `metric` (a `Metrics` rate) compared with `value` by `op`; `chatml_only` marks targets
+    that exist only where frames carry timestamps (MOSS-VL's timestamp QA)."""
+
+    metric: str
+    op: Literal[">=", "<="]
+    value: float
+    label: str
+    chatml_only: bool = False
+
+    def met(self, observed: float) -> bool:
+        """An undefined rate (NaN: nothing to measure) never meets a target."""
+        if math.isnan(observed):
+            return False
+        return observed >= self.value if self.op == ">=" else observed <= self.value
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("event_recall", ">=", 0.95, "event recall"),
+    Target("false_alarm_rate", "<=", 0.05, "false alarms"),
+    Target("caption_exact_match", ">=", 0.90, "caption exact match"),
+    Target("qa_accuracy", ">=", 0.90, "timestamp QA", chatml_only=True),
+)
+
+
+def check_targets(metrics: Metrics, family: str) -> list[tuple[Target, float, bool]]:
+    """(target, observed rate, met) for every target that applies to `family`."""
+    chatml = family_style(family) == "chatml"
+    return [(t, getattr(metrics, t.metric), t.met(getattr(metrics, t.metric)))
+            for t in TARGETS if chatml or not t.chatml_only]
+
+
+# spec key -> policy class, keyed by each policy's own `name` so spec, events and class agree
+CACHE_POLICIES = {cls.name: cls for cls in (cache_policies.Unbounded, cache_policies.VisionWindow,
+                                            cache_policies.PoolAged, cache_policies.TextWindow)}
+
+
+def cache_policy_from_spec(spec: Mapping[str, Any] | list | None, model: Any = None) -> list[Any]:
+    """Cache policies from plain data: `{"window": {"frames": 4}}`, several keys (applied in order) or a list of
+    such one-key mappings; None = no policy. Keys: unbounded, window, pool, text_window (the classes of
+    streaming.cache_policies, their keyword arguments as values). With `model`, pool policies keep the tokens
+    its tower puts around each frame (`PoolAged.for_model`). Bad names or arguments raise ValueError."""
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, Mapping) else spec
+    if not isinstance(items, list) or not all(isinstance(item, Mapping) for item in items):
+        raise ValueError(f"cache_policy must be a mapping {{name: {{arguments}}}} or a list of them, got {spec!r}")
+    policies = []
+    for item in items:
+        for name, kwargs in item.items():
+            if name not in CACHE_POLICIES:
+                raise ValueError(f"unknown cache policy {name!r}; known: {sorted(CACHE_POLICIES)}")
+            if kwargs is not None and not isinstance(kwargs, Mapping):
+                raise ValueError(f"cache policy {name!r}: arguments must be a mapping, got {kwargs!r}")
+            try:
+                policy = CACHE_POLICIES[name](**(kwargs or {}))
+            except TypeError as exc:  # unknown keyword: name the policy, not the dataclass internals
+                raise ValueError(f"cache policy {name!r}: {exc}") from None
+            if model is not None and isinstance(policy, cache_policies.PoolAged):
+                policy = policy.for_model(model)
+            policies.append(policy)
+    return policies
 
 
 def default_frame_size(processor: Any) -> int:
@@ -38,11 +109,12 @@ def eval_clips(seeds: Iterable[int], frame_size: int, clip_seconds: tuple[int, i
 
 
 def stream_clip(model: Any, processor: Any, clip: Clip, *, max_tokens_per_turn: int = 64,
-                policy: Any = None) -> dict[int, str]:
+                policy: Any = None, cache_policy: Any = None) -> dict[int, str]:
     """{frame: text} the model says after each frame of `clip` (default policy: greedy ArgmaxPolicy); absent =
-    silence. Speech before the first frame (the decision right after the prompt) counts as speech at frame 0."""
+    silence. Speech before the first frame (the decision right after the prompt) counts as speech at frame 0.
+    cache_policy: what the session forgets (one policy or a list, as `RealtimeSession` takes)."""
     session = RealtimeSession(model, processor, policy=policy if policy is not None else ArgmaxPolicy(),
-                              max_tokens_per_turn=max_tokens_per_turn)
+                              cache_policy=cache_policy, max_tokens_per_turn=max_tokens_per_turn)
     said: dict[int, list[str]] = {}
 
     def run_round(frame: int) -> None:
@@ -94,11 +166,13 @@ def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max
 @torch.no_grad()
 def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, frame_size: int | None = None,
              clip_seconds: tuple[int, int] = (8, 20), qa: bool | None = None, qa_per_clip: int = 2,
-             max_tokens_per_turn: int = 64, max_clips: int | None = None, progress: bool = False) -> Metrics:
+             max_tokens_per_turn: int = 64, max_clips: int | None = None, progress: bool = False,
+             cache_policy: Any = None) -> Metrics:
     """Stream held-out clips (default: the first DEFAULT_EVAL_CLIPS of EVAL_SEEDS) and score them.
 
     qa: also answer up to `qa_per_clip` offline timestamp questions per clip (default: when the family's frames
-    carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. The model is put in eval mode
+    carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. cache_policy: the sessions'
+    cache policies (one or a list; offline QA reads the whole clip regardless). The model is put in eval mode
     for the run and restored after."""
     seeds = list(EVAL_SEEDS[:DEFAULT_EVAL_CLIPS] if seeds is None else seeds)
     if max_clips is not None:
@@ -114,7 +188,8 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
             from tqdm.auto import tqdm
             clips = tqdm(clips, desc="eval", leave=False)
         for clip in clips:
-            predicted = stream_clip(model, processor, clip, max_tokens_per_turn=max_tokens_per_turn)
+            predicted = stream_clip(model, processor, clip, max_tokens_per_turn=max_tokens_per_turn,
+                                    cache_policy=cache_policy)
             total = total + score_clip(clip.speech(), predicted, len(clip.frames))
             if qa:
                 pairs = [(answer_offline(model, processor, clip, p.question), p.answer) for p in clip.qa[:qa_per_clip]]
