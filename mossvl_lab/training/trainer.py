@@ -17,6 +17,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,9 +138,11 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True,
+          run_info: dict[str, Any] | None = None) -> TrainResult:
     """Train `model` in place. Under torchrun (its env set) data parallel over the process group; rank 0 alone
-    shows the progress bar, evaluates and saves. A model built from scratch learns its vision path far faster
+    shows the progress bar, evaluates and saves. run_info (e.g. the command line and machine) is written into
+    train_log.json as it is, for the model card. A model built from scratch learns its vision path far faster
     with open cross-attention gates: call `open_gates(model, 0.5)` first (the CLI does)."""
     info = distributed.init_distributed(next(model.parameters()).device.type)
     if cfg.batch_size % info.world_size:
@@ -187,7 +193,7 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
                 distributed.barrier()
             if out_dir is not None and info.is_main and (last or evals and evals[-1]["step"] == step + 1):
                 _save(model, processor, cfg, out_dir, history, evals, info.world_size,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, run_info or {})
     finally:
         if bar is not None:
             bar.close()
@@ -218,11 +224,11 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
 
 
 def _save(model: Any, processor: Any, cfg: TrainConfig, out_dir: Path, history: list, evals: list,
-          world_size: int, seconds: float) -> None:
+          world_size: int, seconds: float, run_info: dict[str, Any]) -> None:
     from ..checkpoints import save_model
     save_model(model, out_dir)
     processor.save_pretrained(out_dir)
-    log = {"train_config": dataclasses.asdict(cfg), "world_size": world_size, "seconds": seconds,
+    log = {**run_info, "train_config": dataclasses.asdict(cfg), "world_size": world_size, "seconds": seconds,
            "history": history, "evals": evals, "final_metrics": evals[-1] if evals else None}
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
@@ -324,6 +330,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        max_tokens_per_turn=args.max_tokens_per_turn)
 
 
+def _run_info(world_size: int, argv: list[str]) -> dict[str, str]:
+    """How this run was started and where, for the model card."""
+    launcher = f"torchrun --nproc_per_node {world_size} -m" if world_size > 1 else "python -m"
+    threads = torch.get_num_threads()
+    machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {threads} torch thread(s) " \
+              f"per process, torch {torch.__version__}"
+    return {"command": " ".join([launcher, "mossvl_lab.training.trainer", *map(shlex.quote, argv)]),
+            "machine": machine}
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     cfg = config_from_args(args)
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     try:
         model, processor = build_from_args(args)
         model.to(info.device)
-        result = train(model, processor, cfg, progress=not args.no_progress)
+        result = train(model, processor, cfg, progress=not args.no_progress, run_info=_run_info(info.world_size, sys.argv[1:] if argv is None else argv))
         if info.is_main and result.final_metrics is not None:
             print(f"final eval: {result.final_metrics.summary()}")
         return result

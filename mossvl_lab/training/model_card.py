@@ -1,0 +1,119 @@
+"""Evaluate a trained checkpoint on the held-out clips and write its model card (README.md next to the weights).
+
+    python -m mossvl_lab.training.model_card checkpoints/video-preview-tiny --clips 100
+
+The card states what the checkpoint is, the command that trained it (recorded by the trainer in
+train_log.json), its seeds, the machine and time it took, and the evaluation numbers against the targets the
+project holds its shipped checkpoints to (`evaluate.TARGETS`); eval.json keeps the raw counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data.synthetic import EVAL_SEEDS
+from .evaluate import check_targets
+from .metrics import Metrics
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _size_mb(root: Path) -> float:
+    return sum(p.stat().st_size for p in root.iterdir() if p.is_file()) / 1e6
+
+
+def render_card(root: Path, log: dict[str, Any], metrics: Metrics, clips: int, eval_seconds: float,
+                config: dict[str, Any], processor_settings: dict[str, Any], parameters: int) -> str:
+    train = log["train_config"]
+    family = config["family"]
+    rows = "\n".join(f"| {t.label} | {_pct(value)} | {t.op} {_pct(t.value)} | {'yes' if met else 'no'} |"
+                     for t, value, met in check_targets(metrics, family))
+    delay = metrics.mean_delay_frames
+    prompt = processor_settings.get("realtime_system_prompt")
+    history = log.get("history", [])
+    last_loss = history[-1]["loss"] if history else float("nan")
+    return f"""# {root.name}
+
+A tiny {family} model ({parameters / 1e6:.2f} M parameters, {_size_mb(root):.1f} MB on disk) trained from scratch
+on CPU by mossvl-lab on the synthetic streaming task (`mossvl_lab.data.synthetic`: coloured shapes that appear,
+leave, move and change colour at 1 fps; speak a caption at each event, stay silent otherwise, answer a
+mid-stream colour question{', answer offline timestamp questions' if family == 'moss_vl' else ''}). It exists so
+that every notebook, widget and test has a model that actually watches the frames; it knows nothing else.
+
+## How it was trained
+
+```
+{log.get('command', '(command not recorded)')}
+```
+
+- {log.get('world_size', 1)} process(es), {log.get('seconds', 0) / 60:.1f} minutes wall time on
+  {log.get('machine', 'an unrecorded machine')}; final training loss {last_loss:.4f}.
+- Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
+  (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
+  {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
+  cosine to {train['min_lr_ratio']}x), silence weight {train['silence_weight']}, offline QA share
+  {train['offline_qa_fraction']}.
+- Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
+  {json.dumps(prompt) if prompt is not None else "the family's published prompt"}.
+  Frames carry timestamps in the prompt: {processor_settings.get('frame_timestamps', True)}.
+
+## Evaluation
+
+Held-out clips `EVAL_SEEDS[:{clips}]` (seeds {EVAL_SEEDS[0]}..{EVAL_SEEDS[0] + clips - 1}, never trained on), streamed
+frame by frame through a `RealtimeSession` with the greedy policy ({eval_seconds:.0f} s):
+
+| metric | value | target | met |
+|---|---|---|---|
+{rows}
+
+Mean response delay: {'n/a' if math.isnan(delay) else f'{delay:+.2f}'} frames. Counts: {metrics.recalled}/{metrics.targets} events
+recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech{f', {metrics.qa_correct}/{metrics.qa_total} timestamp questions' if metrics.qa_total else ''}.
+
+Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
+"""
+
+
+def write_model_card(root: str | Path, clips: int = 100, progress: bool = True) -> Metrics:
+    """Evaluate the checkpoint at `root` on EVAL_SEEDS[:clips] and write README.md and eval.json there."""
+    import mossvl_lab as ml
+
+    from .evaluate import evaluate
+
+    root = Path(root)
+    log = json.loads((root / "train_log.json").read_text())
+    model, processor = ml.load_model(root, progress=False).eval(), ml.load_processor(root)
+    train = log["train_config"]
+    started = time.perf_counter()
+    metrics = evaluate(model, processor, EVAL_SEEDS[:clips], frame_size=train.get("frame_size"),
+                       clip_seconds=tuple(train["clip_seconds"]), max_tokens_per_turn=train["max_tokens_per_turn"],
+                       progress=progress)
+    seconds = time.perf_counter() - started
+    (root / "eval.json").write_text(json.dumps({"clips": clips, "seeds": [EVAL_SEEDS[0], EVAL_SEEDS[0] + clips],
+                                                "metrics": metrics.to_dict()}, indent=1) + "\n")
+    config = json.loads((root / "config.json").read_text())
+    settings = json.loads((root / "processor_config.json").read_text()).get("settings", {})
+    parameters = sum(p.numel() for p in model.parameters())
+    (root / "README.md").write_text(render_card(root, log, metrics, clips, seconds, config, settings, parameters))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--clips", type=int, default=100, help="held-out clips to evaluate")
+    args = parser.parse_args(argv)
+    metrics = write_model_card(args.checkpoint, args.clips)
+    family = json.loads((Path(args.checkpoint) / "config.json").read_text())["family"]
+    print(f"{args.checkpoint}: {metrics.summary()}")
+    return 0 if all(met for _, _, met in check_targets(metrics, family)) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
