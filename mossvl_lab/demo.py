@@ -20,7 +20,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "v
 
 def trace_clip(model: Any, processor: Any, frames: np.ndarray, timestamps: list[float], *,
                question: tuple[int, str] | None = None, system_prompt: str | None = None,
-               max_tokens_per_turn: int = 24) -> StreamTrace:
+               max_tokens_per_turn: int = 64) -> StreamTrace:
     """Push each frame (and the question with its frame), step until the model falls silent again, and
     record the trace. Cross-attention patterns are read through hooks (those layers run eagerly)."""
     layers = model.config.text.cross_attention_layers

@@ -16,7 +16,7 @@ import numpy as np
 SHAPES = ("square", "circle", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
 BACKGROUND = (96, 96, 96)
-GRID = 3                       # shapes sit in the cells of a GRID x GRID layout
+GRID = 2  # shapes sit in the cells of a GRID x GRID layout; 2 aligns cells with both tiny towers' token grids
 EVAL_SEEDS = range(1_000_000, 1_000_200)  # held out: training draws from seeds below 1_000_000
 
 

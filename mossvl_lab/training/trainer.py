@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = 1.0
     clip_seconds: tuple[int, int] = (8, 20)  # clip length range, training and evaluation
+    # chance of a scene event per second in TRAINING clips (evaluation keeps make_clip's 0.25): denser events give
+    # more caption targets per frame of compute, and silence is still decided by whether the frame changed
+    event_rate: float = 0.25
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
     out_dir: str | None = None               # checkpoint + processor + train_log.json (None = nothing saved)
@@ -70,6 +73,7 @@ class TrainConfig:
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
                   "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
                   "offline_qa_fraction": 0 <= self.offline_qa_fraction <= 1,
+                  "event_rate": 0 <= self.event_rate <= 1,
                   "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -104,7 +108,7 @@ def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, fr
     """Global sample `index` of the run: a realtime stream, or (MOSS-VL, with probability offline_qa_fraction)
     an offline timestamp question about the clip."""
     clip = make_clip(clip_seed(index, cfg), size=frame_size, min_seconds=cfg.clip_seconds[0],
-                     max_seconds=cfg.clip_seconds[1])
+                     max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate)
     rng = np.random.default_rng([cfg.seed, index])
     if cfg.offline_qa_fraction and clip.qa and family_style(model_cfg.family) == "chatml" \
             and rng.random() < cfg.offline_qa_fraction:
@@ -309,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 = no clipping")
     p.add_argument("--clip-seconds", type=int, nargs=2, default=list(d.clip_seconds), metavar=("MIN", "MAX"))
     p.add_argument("--frame-size", type=int, default=d.frame_size)
+    p.add_argument("--event-rate", type=float, default=d.event_rate, help="scene events per second in training clips")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--train-seeds", default="", help="comma-separated fixed clip seeds (default: endless stream)")
@@ -324,8 +329,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                        silence_weight=args.silence_weight, eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
-                       frame_size=args.frame_size, offline_qa_fraction=args.offline_qa_fraction, out_dir=args.out,
-                       log_every=args.log_every,
+                       event_rate=args.event_rate, frame_size=args.frame_size,
+                       offline_qa_fraction=args.offline_qa_fraction, out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),
                        max_tokens_per_turn=args.max_tokens_per_turn)
 

@@ -115,6 +115,14 @@ def test_schedule_and_sample_stream():
     assert int(sample.vision["grid_thw"].shape[0]) == 1  # the whole clip as one video: offline QA
     again = make_sample(0, qa, processor, mcfg, 64)
     assert torch.equal(sample.input_ids, again.input_ids)  # seeded by the global sample index
+    with pytest.raises(ValueError, match="event_rate"):
+        TrainConfig(event_rate=1.5)
+    vcfg = ml.config.preset("video-preview-tiny")
+    vproc = ml.processor_for_model(vcfg)
+    speech = lambda rate: sum(len(make_sample(i, TrainConfig(event_rate=rate, clip_seconds=(10, 10)), vproc, vcfg,  # noqa: E731
+                                              56).labels) for i in range(4))
+    # every frame gets a silence target; events add caption targets, so a denser stream is a longer sequence
+    assert speech(0.0) < speech(0.9)
 
 
 def test_overfit_one_clip_and_reload(tmp_path):
