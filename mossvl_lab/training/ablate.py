@@ -21,12 +21,17 @@ built like the trainer CLI builds it (preset, overrides, toy vision, torch.manua
 trained with `trainer.train`, then scored with `evaluate.evaluate`. A run writes `runs/<variant>/seed<k>/`:
 config.json (its merged settings), train_log.json (loss history) and, last and atomically, metrics.json, the
 marker of a finished run: finished runs are skipped, so a killed ablation resumes where it stopped.
+
+Trained weights are kept in `trained/<settings digest>-seed<k>/`, keyed by everything but `eval`: a variant that
+differs from another only in how it is evaluated (a vision-cache window, say) reuses that model instead of
+training the same thing again.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -52,7 +57,7 @@ MAPPING_SECTIONS = ("overrides", "processor", "train", "eval")
 EVAL_DEFAULTS: dict[str, Any] = {"clips": DEFAULT_EVAL_CLIPS, "cache_policy": None, "clip_seconds": None, "qa": None,
                                  "qa_per_clip": 2}
 RESERVED_TRAIN = {"seed": "the seeds are the spec's top-level `seeds`",
-                  "out_dir": "the harness writes runs/<variant>/seed<k>/ itself (no checkpoints)"}
+                  "out_dir": "the harness chooses where runs and their weights go"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -256,19 +261,50 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def execute_run(run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate the run described by `run_dir/config.json`; write train_log.json, then metrics.json."""
-    record = json.loads((run_dir / "config.json").read_text())
-    variant, seed = Variant(**record["variant"]), record["seed"]
+def trained_dir(run_dir: Path, variant: Variant, seed: int) -> Path:
+    """Where the weights of this variant's training (everything but `eval`) and seed live: runs/<v>/seed<k> sits
+    two levels below the ablation's root."""
+    settings = {k: v for k, v in dataclasses.asdict(variant).items() if k not in ("name", "eval")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return run_dir.parents[2] / "trained" / f"{digest}-seed{seed}"
+
+
+def _train_or_reuse(run_dir: Path, variant: Variant, seed: int, tcfg: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, processor, train log) trained now, or loaded when another variant already trained the same."""
+    import mossvl_lab as ml
+
+    shared = trained_dir(run_dir, variant, seed)
+    if (shared / "train.json").exists():
+        log = {**json.loads((shared / "train.json").read_text()), "reused_from": str(shared)}
+        return ml.load_model(shared, progress=False), ml.load_processor(shared), log
     argv = ["--preset", variant.preset, "--seed", str(seed), "--out", str(run_dir)]
     argv += [a for k, v in variant.overrides.items() for a in ("--override", f"{k}={json.dumps(v)}")]
     argv += [a for k, v in variant.processor.items() for a in ("--processor", f"{k}={json.dumps(v)}")]
     argv += ["--toy-vision"] if variant.toy_vision else []
     argv += ["--gate-init", repr(float(variant.gate_init))] if variant.gate_init is not None else []
     model, processor = trainer.build_from_args(trainer.parse_args(argv))
-    tcfg = train_config(variant.train, seed)
     result = trainer.train(model, processor, tcfg, progress=False)
-    write_json(run_dir / "train_log.json", {"history": result.history, "evals": result.evals})
+    log = {"history": result.history, "evals": result.evals, "seconds": result.seconds}
+    staging = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
+    ml.save_model(model, staging)
+    processor.save_pretrained(staging)
+    write_json(staging / "train.json", log)  # written last: the marker of complete weights
+    try:
+        os.replace(staging, shared)
+    except OSError:  # a concurrent run with the same training finished first; its weights are as good
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+    return model, processor, log
+
+
+def execute_run(run_dir: Path) -> dict[str, Any]:
+    """Train (or reuse, see trained_dir) and evaluate the run described by `run_dir/config.json`; write
+    train_log.json, then metrics.json."""
+    record = json.loads((run_dir / "config.json").read_text())
+    variant, seed = Variant(**record["variant"]), record["seed"]
+    tcfg = train_config(variant.train, seed)
+    model, processor, log = _train_or_reuse(run_dir, variant, seed, tcfg)
+    write_json(run_dir / "train_log.json", log)
     ev = variant.eval
     started = time.perf_counter()
     metrics = evaluate(model, processor, EVAL_SEEDS[:ev["clips"]],
@@ -277,8 +313,8 @@ def execute_run(run_dir: Path) -> dict[str, Any]:
                        qa_per_clip=ev["qa_per_clip"], max_tokens_per_turn=tcfg.max_tokens_per_turn,
                        cache_policy=cache_policy_from_spec(ev["cache_policy"], model))
     out = {"variant": variant.name, "seed": seed, "metrics": metrics.to_dict(), "summary": metrics.summary(),
-           "train_seconds": result.seconds, "eval_seconds": time.perf_counter() - started,
-           "final_loss": result.history[-1]["loss"]}
+           "train_seconds": log["seconds"], "eval_seconds": time.perf_counter() - started,
+           "final_loss": log["history"][-1]["loss"], "reused_training": "reused_from" in log}
     write_json(run_dir / "metrics.json", out)
     return out
 

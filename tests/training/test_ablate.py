@@ -162,6 +162,13 @@ def test_ablation_end_to_end_resume_and_report(tmp_path, monkeypatch, capsys):
             assert record["variant"] == variant and record["seed"] == seed and record["metrics"]["clips"] == 1
             assert len(json.loads((run / "train_log.json").read_text())["history"]) == 2
             assert json.loads((run / "config.json").read_text())["variant"]["train"]["steps"] == 2
+            # window_1 differs from baseline only in evaluation: it reuses baseline's trained weights
+            assert record["reused_training"] == (variant == "window_1")
+    for seed in (0, 1):
+        reused = json.loads((out / "runs" / "window_1" / f"seed{seed}" / "train_log.json").read_text())
+        trained = json.loads((out / "runs" / "baseline" / f"seed{seed}" / "train_log.json").read_text())
+        assert reused["history"] == trained["history"] and Path(reused["reused_from"]).parent == out / "trained"
+    assert len(list((out / "trained").iterdir())) == 2  # one trained model per seed, no leftover staging dirs
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["variant"], r["seed"]) for r in rows] == [("baseline", "0"), ("baseline", "1"),
