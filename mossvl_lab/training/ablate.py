@@ -284,7 +284,8 @@ def _train_or_reuse(run_dir: Path, variant: Variant, seed: int, tcfg: Any) -> tu
     argv += ["--gate-init", repr(float(variant.gate_init))] if variant.gate_init is not None else []
     model, processor = trainer.build_from_args(trainer.parse_args(argv))
     result = trainer.train(model, processor, tcfg, progress=False)
-    log = {"history": result.history, "evals": result.evals, "seconds": result.seconds}
+    log = {"history": result.history, "evals": result.evals, "seconds": result.seconds,
+           "cpu_seconds": result.cpu_seconds}
     staging = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
     ml.save_model(model, staging)
     processor.save_pretrained(staging)

@@ -39,6 +39,7 @@ def render_card(root: Path, log: dict[str, Any], metrics: Metrics, clips: int, e
     delay = metrics.mean_delay_frames
     prompt = processor_settings.get("realtime_system_prompt")
     history = log.get("history", [])
+    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU-minutes)" if "cpu_seconds" in log else ""
     last_loss = history[-1]["loss"] if history else float("nan")
     return f"""# {root.name}
 
@@ -54,7 +55,7 @@ that every notebook, widget and test has a model that actually watches the frame
 {log.get('command', '(command not recorded)')}
 ```
 
-- {log.get('world_size', 1)} process(es), {log.get('seconds', 0) / 60:.1f} minutes wall time on
+- {log.get('world_size', 1)} process(es), {log.get('seconds', 0) / 60:.1f} minutes wall time{cpu} on
   {log.get('machine', 'an unrecorded machine')}; final training loss {last_loss:.4f}.
 - Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of

@@ -87,6 +87,7 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", **metrics} per evaluation
     out_dir: Path | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0                 # this process's CPU time: wall time inflates when others share the CPU
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -170,7 +171,7 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
     if progress and info.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, desc="train")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         for step in range(cfg.steps):
             lr = lr_at(step, cfg)
@@ -197,13 +198,13 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
                 distributed.barrier()
             if out_dir is not None and info.is_main and (last or evals and evals[-1]["step"] == step + 1):
                 _save(model, processor, cfg, out_dir, history, evals, info.world_size,
-                      time.perf_counter() - started, run_info or {})
+                      time.perf_counter() - started, time.process_time() - cpu_started, run_info or {})
     finally:
         if bar is not None:
             bar.close()
     distributed.barrier()
     return TrainResult(history=history, final_metrics=final, evals=evals, out_dir=out_dir,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started)
 
 
 def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: list[TrainingSample],
@@ -228,11 +229,12 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
 
 
 def _save(model: Any, processor: Any, cfg: TrainConfig, out_dir: Path, history: list, evals: list,
-          world_size: int, seconds: float, run_info: dict[str, Any]) -> None:
+          world_size: int, seconds: float, cpu_seconds: float, run_info: dict[str, Any]) -> None:
     from ..checkpoints import save_model
     save_model(model, out_dir)
     processor.save_pretrained(out_dir)
     log = {**run_info, "train_config": dataclasses.asdict(cfg), "world_size": world_size, "seconds": seconds,
+           "cpu_seconds": cpu_seconds,
            "history": history, "evals": evals, "final_metrics": evals[-1] if evals else None}
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
