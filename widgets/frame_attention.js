@@ -91,7 +91,8 @@ function staircase(model, tokens, rows) {
   const frames = rows.length ? rows[0].length : 0;
   const cell = 4;
   const canvas = h("canvas", { width: String(Math.max(frames * cell, 1)), height: String(Math.max(rows.length * 2, 1)),
-    "data-testid": "visibility", "data-rows": String(rows.length), "data-frames": String(frames) });
+    "data-testid": "visibility", "data-rows": String(rows.length), "data-frames": String(frames),
+    style: "align-self: flex-start; image-rendering: pixelated;" });  // drawn at its own size, never stretched
   const ctx = canvas.getContext && canvas.getContext("2d");
   const chosen = model.get("token");
   if (ctx) {
