@@ -31,15 +31,18 @@ def _size_mb(root: Path) -> float:
 
 
 def render_card(root: Path, log: dict[str, Any], metrics: Metrics, clips: int, eval_seconds: float,
-                config: dict[str, Any], processor_settings: dict[str, Any], parameters: int) -> str:
+                family: str, processor_settings: dict[str, Any], parameters: int) -> str:
     train = log["train_config"]
-    family = config["family"]
     rows = "\n".join(f"| {t.label} | {_pct(value)} | {t.op} {_pct(t.value)} | {'yes' if met else 'no'} |"
                      for t, value, met in check_targets(metrics, family))
     delay = metrics.mean_delay_frames
     prompt = processor_settings.get("realtime_system_prompt")
     history = log.get("history", [])
     cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU-minutes)" if "cpu_seconds" in log else ""
+    time_line = (f"  Frames carry their timestamps in the prompt: {processor_settings.get('frame_timestamps', True)}.\n"
+                 if family == "moss_vl" else "")
+    extra = [log[k] for k in ("concurrency", "cpu_seconds_source") if k in log]
+    note = "".join(f"\n  {text[0].upper() + text[1:]}." for text in extra)
     last_loss = history[-1]["loss"] if history else float("nan")
     return f"""# {root.name}
 
@@ -56,15 +59,16 @@ that every notebook, widget and test has a model that actually watches the frame
 ```
 
 - {log.get('world_size', 1)} process(es), {log.get('seconds', 0) / 60:.1f} minutes wall time{cpu} on
-  {log.get('machine', 'an unrecorded machine')}; final training loss {last_loss:.4f}.
+  {log.get('machine', 'an unrecorded machine')}; final training loss {last_loss:.4f}.{note}
 - Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
   {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
-  cosine to {train['min_lr_ratio']}x), silence weight {train['silence_weight']}, offline QA share
+  cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}, silence weight
+  {train['silence_weight']}, offline QA share
   {train['offline_qa_fraction']}.
 - Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
   {json.dumps(prompt) if prompt is not None else "the family's published prompt"}.
-  Frames carry timestamps in the prompt: {processor_settings.get('frame_timestamps', True)}.
+{time_line}
 
 ## Evaluation
 
@@ -82,8 +86,9 @@ Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
 
 
-def write_model_card(root: str | Path, clips: int = 100, progress: bool = True) -> Metrics:
-    """Evaluate the checkpoint at `root` on EVAL_SEEDS[:clips] and write README.md and eval.json there."""
+def write_model_card(root: str | Path, clips: int = 100, progress: bool = True, reuse_eval: bool = False) -> Metrics:
+    """Evaluate the checkpoint at `root` on EVAL_SEEDS[:clips] and write README.md and eval.json there.
+    reuse_eval: take the numbers from an existing eval.json of as many clips (to re-render the card only)."""
     import mossvl_lab as ml
 
     from .evaluate import evaluate
@@ -93,6 +98,15 @@ def write_model_card(root: str | Path, clips: int = 100, progress: bool = True) 
     model, processor = ml.load_model(root, progress=False).eval(), ml.load_processor(root)
     train = log["train_config"]
     started = time.perf_counter()
+    previous = json.loads((root / "eval.json").read_text()) if (root / "eval.json").exists() else {}
+    if reuse_eval and previous.get("clips") == clips:
+        per_clip = [Metrics(**counts) for counts in previous["per_clip"]]
+        metrics = sum(per_clip, Metrics())
+        settings = json.loads((root / "processor_config.json").read_text()).get("settings", {})
+        parameters = sum(p.numel() for p in model.parameters())
+        (root / "README.md").write_text(render_card(root, log, metrics, clips, previous["seconds"],
+                                                    model.config.family, settings, parameters))
+        return metrics
     seeds = EVAL_SEEDS[:clips]
     if progress:
         from tqdm.auto import tqdm
@@ -103,13 +117,13 @@ def write_model_card(root: str | Path, clips: int = 100, progress: bool = True) 
                 for seed in seeds]
     metrics = sum(per_clip, Metrics())
     seconds = time.perf_counter() - started
-    record = {"clips": clips, "first_seed": EVAL_SEEDS[0], "metrics": metrics.to_dict(),
+    record = {"clips": clips, "first_seed": EVAL_SEEDS[0], "seconds": seconds, "metrics": metrics.to_dict(),
               "per_clip": [dataclasses.asdict(m) for m in per_clip]}
     (root / "eval.json").write_text(json.dumps(record) + "\n")
-    config = json.loads((root / "config.json").read_text())
     settings = json.loads((root / "processor_config.json").read_text()).get("settings", {})
     parameters = sum(p.numel() for p in model.parameters())
-    (root / "README.md").write_text(render_card(root, log, metrics, clips, seconds, config, settings, parameters))
+    (root / "README.md").write_text(render_card(root, log, metrics, clips, seconds, model.config.family, settings,
+                                                        parameters))
     return metrics
 
 
@@ -117,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--clips", type=int, default=100, help="held-out clips to evaluate")
+    parser.add_argument("--reuse-eval", action="store_true", help="re-render the card from an existing eval.json")
     args = parser.parse_args(argv)
-    metrics = write_model_card(args.checkpoint, args.clips)
-    family = json.loads((Path(args.checkpoint) / "config.json").read_text())["family"]
+    metrics = write_model_card(args.checkpoint, args.clips, reuse_eval=args.reuse_eval)
+    import mossvl_lab as ml
+
+    family = ml.load_processor(args.checkpoint).family
     print(f"{args.checkpoint}: {metrics.summary()}")
     return 0 if all(met for _, _, met in check_targets(metrics, family)) else 1
 
