@@ -230,8 +230,9 @@ def test_frames_never_attend_to_each_other():
 
     one_a = tower(pv[:48], torch.tensor([[1, 6, 8]]))
     one_b = tower(pv[48:], torch.tensor([[1, 6, 8]]))
-    # one call vs one call per frame: same math, only the packed matmul sizes differ (last-bit rounding)
-    torch.testing.assert_close(base.states, torch.cat([one_a.states, one_b.states]), rtol=0, atol=1e-6)
+    # one call vs one call per frame: same math, only the packed matmul sizes differ (fp32 rounding, which also
+    # depends on the thread count: 1.3e-6 seen with one thread)
+    torch.testing.assert_close(base.states, torch.cat([one_a.states, one_b.states]), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- merge-window order

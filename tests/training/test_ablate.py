@@ -264,9 +264,10 @@ def test_a_failing_run_is_reported_and_fails_the_command(tmp_path, capsys):
 def test_shipped_specs_are_valid():
     root = Path(__file__).resolve().parents[2] / "docs" / "ablation_specs"
     video = {v.name: v for v in load_spec(root / "video_preview.yaml").variants}
-    assert list(video) == ["baseline", "no_gates", "no_key_rope", "window_2"]
+    assert list(video) == ["baseline", "no_gates", "no_key_rope", "window_2", "window_1"]
     assert video["no_gates"].overrides == {"cross_attention.gate": "ones"}
     assert video["window_2"].eval["cache_policy"] == {"window": {"frames": 2}}
+    assert video["window_1"].eval["cache_policy"] == {"window": {"frames": 1}}
     moss = {v.name: v for v in load_spec(root / "moss_vl.yaml").variants}
     assert list(moss) == ["baseline", "no_timestamps", "rope_1d"]
     assert moss["no_timestamps"].processor["frame_timestamps"] is False
