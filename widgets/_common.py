@@ -16,6 +16,11 @@ logger = logging.getLogger("mossvl_lab.widgets")
 Listener = Callable[[Any, list], None]  # (session, events of one step) -> None
 
 
+def esm(name: str) -> str:
+    """A widget's front-end module: the shared DOM helpers (_dom.js) followed by widgets/<name>."""
+    return (HERE / "_dom.js").read_text() + "\n" + (HERE / name).read_text()
+
+
 class WidgetInputError(ValueError):
     """A widget was given inputs it cannot use; the message says what it expects."""
 

@@ -2,16 +2,6 @@
 // the chosen frame's per-patch heatmap and the token x frame visibility staircase. All numbers come from
 // the kernel (traits `bars`, `heatmap`, `visibility`); choices go back as traits.
 
-function h(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.appendChild(child);
-  return node;
-}
-
 const NS = "http://www.w3.org/2000/svg";
 const THUMB = 40;
 

@@ -17,13 +17,13 @@ import traitlets as t
 
 from mossvl_lab.viz.stream_data import clip_frames, data_url, encode_image, stream_clip
 
-from ._common import CSS, HERE, WidgetInputError, make_session
+from ._common import CSS, esm, WidgetInputError, make_session
 
 MEAN = -1  # layer / head choice: average over all
 
 
 class FrameAttentionView(anywidget.AnyWidget):
-    _esm = HERE / "frame_attention.js"
+    _esm = esm("frame_attention.js")
     _css = CSS
 
     tokens = t.List(t.Dict()).tag(sync=True)        # shown tokens: {"i": index, "text", "frame": index or -1}

@@ -1,22 +1,6 @@
 // KVCacheInspector front end: totals, per-layer and per-frame tables, eviction timeline, bytes over time.
 // With `live` on, a timer asks the kernel for a refresh every `poll_ms` milliseconds.
 
-function h(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.appendChild(child);
-  return node;
-}
-
-function formatBytes(n) {
-  if (n >= 1 << 20) return `${(n / (1 << 20)).toFixed(2)} MiB`;
-  if (n >= 1 << 10) return `${(n / (1 << 10)).toFixed(1)} KiB`;
-  return `${n} B`;
-}
-
 function table(columns, rows, testid) {
   const head = h("tr", {}, columns.map(([label]) => h("th", { text: label })));
   const body = rows.map((row) => h("tr", {}, columns.map(([, cell]) => h("td", { text: cell(row) }))));

@@ -16,14 +16,14 @@ import traitlets as t
 
 from mossvl_lab.viz.cache_data import cache_event, cache_layers, cache_summary, frame_segments
 
-from ._common import CSS, HERE, WidgetInputError
+from ._common import CSS, esm, WidgetInputError
 
 MAX_EVENTS = 500    # newest eviction rows kept
 MAX_HISTORY = 600   # newest per-step totals kept
 
 
 class KVCacheInspector(anywidget.AnyWidget):
-    _esm = HERE / "kv_cache.js"
+    _esm = esm("kv_cache.js")
     _css = CSS
 
     layers = t.List(t.Dict()).tag(sync=True)      # cache_data.cache_layers rows

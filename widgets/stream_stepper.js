@@ -2,41 +2,6 @@
 // Run is driven from here: the kernel answers each frame step with {type: "tick"}, and we ask for the
 // next one while `running` is true, so Pause is always handled between two frames.
 
-function h(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.appendChild(child);
-  return node;
-}
-
-function sparkline(values, width = 220, height = 40) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
-  svg.setAttribute("data-testid", "p-silence-sparkline");
-  svg.setAttribute("data-values", values.map((v) => v.toFixed(4)).join(","));
-  if (values.length > 0) {
-    const step = values.length > 1 ? width / (values.length - 1) : 0;
-    const points = values.map((v, i) => `${(i * step).toFixed(1)},${((1 - v) * (height - 2) + 1).toFixed(1)}`);
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", points.join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", "#2e86c1");
-    svg.appendChild(line);
-  }
-  return svg;
-}
-
-function formatBytes(n) {
-  if (n >= 1 << 20) return `${(n / (1 << 20)).toFixed(2)} MiB`;
-  if (n >= 1 << 10) return `${(n / (1 << 10)).toFixed(1)} KiB`;
-  return `${n} B`;
-}
-
 function render({ model, el }) {
   const button = (label, testid, type) => {
     const b = h("button", { "data-testid": testid, class: `mv-btn mv-${testid}`, text: label });

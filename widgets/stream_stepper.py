@@ -18,7 +18,7 @@ from mossvl_lab.streaming.events import Decision, Event
 from mossvl_lab.viz.cache_data import cache_summary
 from mossvl_lab.viz.stream_data import TranscriptBuilder, clip_frames, encode_image
 
-from ._common import CSS, HERE, Listener, Listeners, WidgetInputError, make_session
+from ._common import CSS, esm, Listener, Listeners, WidgetInputError, make_session
 
 SPARKLINE_POINTS = 200  # p(silence) values shown up to the current step
 
@@ -48,7 +48,7 @@ class Snapshot:
 
 
 class StreamStepper(anywidget.AnyWidget):
-    _esm = HERE / "stream_stepper.js"
+    _esm = esm("stream_stepper.js")
     _css = CSS
 
     step_count = t.Int(0).tag(sync=True)

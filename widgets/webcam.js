@@ -4,34 +4,6 @@
 // removed) every track is stopped, which releases the camera. LiveStream's extra traits (transcript,
 // p_silence, frames_ingested) are shown when the model has them.
 
-function h(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.appendChild(child);
-  return node;
-}
-
-function sparkline(values, width = 220, height = 40) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
-  svg.setAttribute("data-testid", "p-silence-sparkline");
-  svg.setAttribute("data-count", String(values.length));
-  if (values.length > 1) {
-    const step = width / (values.length - 1);
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${((1 - v) * (height - 2) + 1).toFixed(1)}`).join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", "#2e86c1");
-    svg.appendChild(line);
-  }
-  return svg;
-}
-
 function render({ model, el }) {
   const live = model.get("transcript") !== undefined;
   const start = h("button", { "data-testid": "start", text: "Start" });

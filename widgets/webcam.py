@@ -21,7 +21,7 @@ from typing import Any
 import anywidget
 import traitlets as t
 
-from ._common import CSS, HERE, WidgetInputError
+from ._common import CSS, esm, WidgetInputError
 
 
 def _positive(name: str, value: Any) -> float:
@@ -31,7 +31,7 @@ def _positive(name: str, value: Any) -> float:
 
 
 class Webcam(anywidget.AnyWidget):
-    _esm = HERE / "webcam.js"
+    _esm = esm("webcam.js")
     _css = CSS
 
     running = t.Bool(False).tag(sync=True)          # the camera runs while True (start/stop buttons set it)
