@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -35,13 +34,6 @@ TINY = {
     "variants": {"baseline": {}, "window_1": {"eval": {"cache_policy": {"window": {"frames": 1}}}}},
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def spec_with(**changes):

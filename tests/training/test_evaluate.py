@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import mossvl_lab as ml
 from mossvl_lab.config import ToyConvConfig, override
@@ -15,13 +14,6 @@ from mossvl_lab.training import evaluate as evaluate_module
 from mossvl_lab.training.evaluate import cache_policy_from_spec, check_targets, evaluate
 from mossvl_lab.training.metrics import Metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _metrics(recalled=19, targets=20, exact=None, false_alarms=1, quiet=20, qa_correct=0, qa_total=0):

@@ -18,14 +18,6 @@ from mossvl_lab.training.streams import IGNORE, offline_qa_sample, realtime_samp
 from mossvl_lab.training.trainer import TrainConfig, clip_seed, lr_at, make_sample, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one thread is several times faster than two fighting over cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def toy_config():
     """video-preview-tiny with the toy conv tower and two decoder layers (cross-attention at 1)."""
