@@ -72,7 +72,8 @@ def _eval(args: argparse.Namespace) -> int:
     """Score a checkpoint on the first held-out clips; exit 0 when every target of its family is met."""
     import mossvl_lab as ml
     from mossvl_lab.data.synthetic import EVAL_SEEDS
-    from mossvl_lab.training.evaluate import DEFAULT_EVAL_CLIPS, cache_policy_from_spec, check_targets, evaluate
+    from mossvl_lab.training.evaluate import (DEFAULT_EVAL_CLIPS, cache_policy_from_spec, check_targets, evaluate,
+                                              trained_eval_settings)
 
     path = Path(args.checkpoint)
     if not (path / "config.json").exists():
@@ -80,12 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
     clips = DEFAULT_EVAL_CLIPS if args.clips is None else args.clips
     if not 1 <= clips <= len(EVAL_SEEDS):
         raise SystemExit(f"--clips must be in 1..{len(EVAL_SEEDS)}, got {clips}")
-    log = path / "train_log.json"
-    # evaluate as the model was trained: its clip lengths, frame size and per-turn token cap
-    trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
-    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn") if trained.get(k) is not None}
-    if trained.get("clip_seconds"):
-        settings["clip_seconds"] = tuple(trained["clip_seconds"])
+    settings = trained_eval_settings(path)
     model, processor = ml.load_model(path, progress=False), ml.load_processor(path)
     try:
         policies = cache_policy_from_spec(json.loads(args.cache_policy), model) if args.cache_policy else None

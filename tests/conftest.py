@@ -16,6 +16,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (directories whose tests train or stream make it autouse): the CPU is
+    shared, and one thread is several times faster than two fighting over cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config():
     return ml.config.preset("video-preview-tiny")
 

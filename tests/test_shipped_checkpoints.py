@@ -19,7 +19,7 @@ import torch
 import mossvl_lab as ml
 from mossvl_lab.cli import main
 from mossvl_lab.data.synthetic import EVAL_SEEDS, make_clip
-from mossvl_lab.training.evaluate import check_targets, evaluate
+from mossvl_lab.training.evaluate import check_targets, evaluate, trained_eval_settings
 from mossvl_lab.training.metrics import Metrics
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -38,10 +38,8 @@ def shipped(request):
     """(name, model, eval.json, the first CI_CLIPS held-out clips re-evaluated now), once per checkpoint."""
     torch.manual_seed(0)
     root, model, processor = _load(request.param)
-    train = json.loads((root / "train_log.json").read_text())["train_config"]
     card = json.loads((root / "eval.json").read_text())
-    measured = evaluate(model, processor, EVAL_SEEDS[:CI_CLIPS], frame_size=train["frame_size"],
-                        clip_seconds=tuple(train["clip_seconds"]), max_tokens_per_turn=train["max_tokens_per_turn"])
+    measured = evaluate(model, processor, EVAL_SEEDS[:CI_CLIPS], **trained_eval_settings(root))
     return request.param, model, card, measured
 
 

@@ -17,23 +17,31 @@ function formatBytes(n) {
   return `${n} B`;
 }
 
-// p(silence) over time as an SVG polyline; data-values / data-count let tests read what is drawn
-function sparkline(values, width = 220, height = 40) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svgBox(width, height, testid) {
+  const svg = document.createElementNS(SVG_NS, "svg");
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
-  svg.setAttribute("data-testid", "p-silence-sparkline");
+  svg.setAttribute("data-testid", testid);
+  return svg;
+}
+
+// a line through `values` (each 0..1 of the height, 1 at the top), spread over the width
+function polyline(values, width, height, color) {
+  const step = values.length > 1 ? width / (values.length - 1) : 0;
+  const line = document.createElementNS(SVG_NS, "polyline");
+  line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${((1 - v) * (height - 2) + 1).toFixed(1)}`).join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", color);
+  return line;
+}
+
+// p(silence) over time; data-values / data-count let tests read what is drawn
+function sparkline(values, width = 220, height = 40) {
+  const svg = svgBox(width, height, "p-silence-sparkline");
   svg.setAttribute("data-count", String(values.length));
   svg.setAttribute("data-values", values.map((v) => v.toFixed(4)).join(","));
-  if (values.length > 0) {
-    const step = values.length > 1 ? width / (values.length - 1) : 0;
-    const points = values.map((v, i) => `${(i * step).toFixed(1)},${((1 - v) * (height - 2) + 1).toFixed(1)}`);
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", points.join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", "#2e86c1");
-    svg.appendChild(line);
-  }
+  if (values.length > 0) svg.appendChild(polyline(values, width, height, "#2e86c1"));
   return svg;
 }

@@ -2,7 +2,6 @@
 // the chosen frame's per-patch heatmap and the token x frame visibility staircase. All numbers come from
 // the kernel (traits `bars`, `heatmap`, `visibility`); choices go back as traits.
 
-const NS = "http://www.w3.org/2000/svg";
 const THUMB = 40;
 
 function choose(model, name, value) {
@@ -24,15 +23,12 @@ function select(testid, options, current, onChange) {
 function barChart(model, bars, shownFrame) {
   const width = Math.max(bars.length * (THUMB + 2), 120);
   const height = 90;
-  const svg = document.createElementNS(NS, "svg");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
-  svg.setAttribute("data-testid", "frame-bars");
+  const svg = svgBox(width, height, "frame-bars");
   svg.setAttribute("data-token", String(model.get("token")));
   svg.setAttribute("data-bars", bars.map((v) => v.toFixed(4)).join(","));
   const max = Math.max(1e-9, ...bars);
   bars.forEach((value, f) => {
-    const rect = document.createElementNS(NS, "rect");
+    const rect = document.createElementNS(SVG_NS, "rect");
     const barHeight = (value / max) * (height - 14);
     rect.setAttribute("x", String(f * (THUMB + 2) + 4));
     rect.setAttribute("y", String(height - barHeight));
@@ -43,7 +39,7 @@ function barChart(model, bars, shownFrame) {
     rect.setAttribute("data-value", value.toFixed(4));
     rect.style.cursor = "pointer";
     rect.addEventListener("click", () => choose(model, "frame", f));
-    const title = document.createElementNS(NS, "title");
+    const title = document.createElementNS(SVG_NS, "title");
     title.textContent = `frame ${f}: ${(value * 100).toFixed(1)}%`;
     rect.appendChild(title);
     svg.appendChild(rect);

@@ -8,19 +8,10 @@ function table(columns, rows, testid) {
 }
 
 function bytesChart(history, width = 320, height = 60) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
-  svg.setAttribute("data-testid", "bytes-chart");
+  const svg = svgBox(width, height, "bytes-chart");
   const max = Math.max(1, ...history.map((r) => r.text_bytes + r.vision_bytes));
-  const step = history.length > 1 ? width / (history.length - 1) : 0;
   for (const [key, color] of [["text_bytes", "#2e86c1"], ["vision_bytes", "#d35400"]]) {
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", history.map((r, i) => `${(i * step).toFixed(1)},${(height - 1 - (r[key] / max) * (height - 2)).toFixed(1)}`).join(" "));
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", color);
-    svg.appendChild(line);
+    svg.appendChild(polyline(history.map((r) => r[key] / max), width, height, color));
   }
   return svg;
 }

@@ -87,6 +87,7 @@ class RealtimeSession:
         system = _default_system_prompt(processor, self.family) if system_prompt is None else system_prompt
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt or ""}]
         self._initial_text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        self._frame_time_text = getattr(getattr(processor, "config", None), "frame_timestamps", True)  # MOSS-VL
         self.stream = StreamState()
         self._lock = threading.Condition(threading.RLock())
         self._frames: deque[tuple[float, Any]] = deque()
@@ -305,8 +306,8 @@ class RealtimeSession:
 
     def _frame_ids(self, timestamp: float) -> list[int]:
         if family_style(self.family) == "chatml":  # <|vision_start|><|time_start|>X.X seconds<|time_end|>...
-            with_time = getattr(getattr(self.processor, "config", None), "frame_timestamps", True)
-            return self._encode(moss_realtime_frame_text(timestamp, with_time).replace(IMAGE, "<|image_pad|>"))
+            text = moss_realtime_frame_text(timestamp, self._frame_time_text)
+            return self._encode(text.replace(IMAGE, "<|image_pad|>"))
         return [self.model.config.tokens.image_token_id]
 
     def _encode(self, text: str) -> list[int]:

@@ -12,10 +12,12 @@ also answered with greedy `model.generate` on the prompt `offline_qa_sample` tra
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -96,6 +98,17 @@ def cache_policy_from_spec(spec: Mapping[str, Any] | list | None, model: Any = N
                 policy = policy.for_model(model)
             policies.append(policy)
     return policies
+
+
+def trained_eval_settings(checkpoint: str | Path) -> dict[str, Any]:
+    """evaluate() keywords that score a checkpoint as it was trained: the clip lengths, frame size and per-turn
+    token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
+    log = Path(checkpoint) / "train_log.json"
+    trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
+    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn") if trained.get(k) is not None}
+    if trained.get("clip_seconds"):
+        settings["clip_seconds"] = tuple(trained["clip_seconds"])
+    return settings
 
 
 def default_frame_size(processor: Any) -> int:

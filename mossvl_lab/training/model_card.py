@@ -86,45 +86,40 @@ Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
 
 
-def write_model_card(root: str | Path, clips: int = 100, progress: bool = True, reuse_eval: bool = False) -> Metrics:
-    """Evaluate the checkpoint at `root` on EVAL_SEEDS[:clips] and write README.md and eval.json there.
-    reuse_eval: take the numbers from an existing eval.json of as many clips (to re-render the card only)."""
+def write_model_card(root: str | Path, clips: int = 100, progress: bool = True,
+                     reuse_eval: bool = False) -> tuple[Metrics, str]:
+    """Evaluate the checkpoint at `root` on EVAL_SEEDS[:clips] and write README.md and eval.json there; returns
+    (metrics, model family). reuse_eval: take the numbers from an existing eval.json of as many clips (to
+    re-render the card only)."""
     import mossvl_lab as ml
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, trained_eval_settings
 
     root = Path(root)
     log = json.loads((root / "train_log.json").read_text())
     model, processor = ml.load_model(root, progress=False).eval(), ml.load_processor(root)
-    train = log["train_config"]
-    started = time.perf_counter()
     previous = json.loads((root / "eval.json").read_text()) if (root / "eval.json").exists() else {}
     if reuse_eval and previous.get("clips") == clips:
-        per_clip = [Metrics(**counts) for counts in previous["per_clip"]]
-        metrics = sum(per_clip, Metrics())
-        settings = json.loads((root / "processor_config.json").read_text()).get("settings", {})
-        parameters = sum(p.numel() for p in model.parameters())
-        (root / "README.md").write_text(render_card(root, log, metrics, clips, previous["seconds"],
-                                                    model.config.family, settings, parameters))
-        return metrics
-    seeds = EVAL_SEEDS[:clips]
-    if progress:
-        from tqdm.auto import tqdm
-        seeds = tqdm(seeds, desc="eval")
-    # one clip at a time so eval.json keeps per-clip counts: a test re-checks any prefix of them
-    per_clip = [evaluate(model, processor, [seed], frame_size=train.get("frame_size"),
-                         clip_seconds=tuple(train["clip_seconds"]), max_tokens_per_turn=train["max_tokens_per_turn"])
-                for seed in seeds]
+        per_clip, seconds = [Metrics(**counts) for counts in previous["per_clip"]], previous["seconds"]
+    else:
+        started = time.perf_counter()
+        seeds = EVAL_SEEDS[:clips]
+        if progress:
+            from tqdm.auto import tqdm
+            seeds = tqdm(seeds, desc="eval")
+        # one clip at a time so eval.json keeps per-clip counts: a test re-checks any prefix of them
+        settings = trained_eval_settings(root)
+        per_clip = [evaluate(model, processor, [seed], **settings) for seed in seeds]
+        seconds = time.perf_counter() - started
     metrics = sum(per_clip, Metrics())
-    seconds = time.perf_counter() - started
     record = {"clips": clips, "first_seed": EVAL_SEEDS[0], "seconds": seconds, "metrics": metrics.to_dict(),
               "per_clip": [dataclasses.asdict(m) for m in per_clip]}
     (root / "eval.json").write_text(json.dumps(record) + "\n")
-    settings = json.loads((root / "processor_config.json").read_text()).get("settings", {})
+    processing = json.loads((root / "processor_config.json").read_text()).get("settings", {})
     parameters = sum(p.numel() for p in model.parameters())
-    (root / "README.md").write_text(render_card(root, log, metrics, clips, seconds, model.config.family, settings,
-                                                        parameters))
-    return metrics
+    (root / "README.md").write_text(render_card(root, log, metrics, clips, seconds, model.config.family, processing,
+                                                parameters))
+    return metrics, model.config.family
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=100, help="held-out clips to evaluate")
     parser.add_argument("--reuse-eval", action="store_true", help="re-render the card from an existing eval.json")
     args = parser.parse_args(argv)
-    metrics = write_model_card(args.checkpoint, args.clips, reuse_eval=args.reuse_eval)
-    import mossvl_lab as ml
-
-    family = ml.load_processor(args.checkpoint).family
+    metrics, family = write_model_card(args.checkpoint, args.clips, reuse_eval=args.reuse_eval)
     print(f"{args.checkpoint}: {metrics.summary()}")
     return 0 if all(met for _, _, met in check_targets(metrics, family)) else 1
 

@@ -4,7 +4,6 @@ folder, mapped by setup.py's package_dir, so these tests need the package instal
 from __future__ import annotations
 
 import pytest
-import torch
 
 import mossvl_lab as ml
 
@@ -19,8 +18,5 @@ def tiny():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
