@@ -8,12 +8,14 @@ fixed evaluation set (`EVAL_SEEDS`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 SHAPES = ("square", "circle", "triangle")
+EVENT_KINDS = ("appear", "leave", "move", "recolor")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
 BACKGROUND = (96, 96, 96)
 GRID = 2  # shapes sit in the cells of a GRID x GRID layout; 2 aligns cells with both tiny towers' token grids
@@ -67,6 +69,7 @@ class Question:
 class QAPair:
     question: str
     answer: str
+    kind: str = "what_at"  # what_at: "what happened at T?" -> a caption; when: "when did X ...?" -> "at T seconds"
 
 
 @dataclass(frozen=True)
@@ -115,16 +118,24 @@ def render(scene: list[Shape], size: int) -> np.ndarray:
 
 
 def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: int = 40,
-              event_rate: float = 0.25, with_question: bool = True) -> Clip:
+              event_rate: float = 0.25, with_question: bool = True,
+              kind_weights: Mapping[str, float] | None = None) -> Clip:
     """One clip: at most one shape of each kind on screen; each second an event happens with
-    probability `event_rate` (never in the first frame, which only sets the scene)."""
+    probability `event_rate` (never in the first frame, which only sets the scene).
+
+    kind_weights: relative odds of the event kinds possible at that moment (missing kinds weigh 1); None draws
+    them uniformly, as the evaluation clips do. Training can oversample kinds a model learns last (moves)."""
+    if kind_weights is not None:
+        unknown = set(kind_weights) - set(EVENT_KINDS)
+        if unknown or any(w < 0 for w in kind_weights.values()):
+            raise ValueError(f"kind_weights: kinds must be among {EVENT_KINDS} with weights >= 0, got {dict(kind_weights)}")
     rng = np.random.default_rng(seed)
     length = int(rng.integers(min_seconds, max_seconds + 1))
     scene: list[Shape] = []
     frames, events = [], []
     for t in range(length):
         if t > 0 and rng.random() < event_rate:
-            event = _random_event(rng, scene, t)
+            event = _random_event(rng, scene, t, kind_weights)
             if event is not None:
                 events.append(event)
         frames.append(render(scene, size))
@@ -137,7 +148,8 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
                 question=question, qa=offline_qa(clip, rng))
 
 
-def _random_event(rng: np.random.Generator, scene: list[Shape], t: int) -> SceneEvent | None:
+def _random_event(rng: np.random.Generator, scene: list[Shape], t: int,
+                  kind_weights: Mapping[str, float] | None) -> SceneEvent | None:
     present = {s.shape for s in scene}
     free_cells = [c for c in range(GRID * GRID) if c not in {s.cell for s in scene}]
     options = []
@@ -145,9 +157,15 @@ def _random_event(rng: np.random.Generator, scene: list[Shape], t: int) -> Scene
         options.append("appear")
     if scene:
         options += ["leave", "recolor"] + (["move"] if free_cells else [])
+    if kind_weights is not None:
+        options = [kind for kind in options if kind_weights.get(kind, 1.0) > 0]
     if not options:
         return None
-    kind = str(rng.choice(options))
+    if kind_weights is None:  # the uniform draw keeps every existing seed's clip (the evaluation set) unchanged
+        kind = str(rng.choice(options))
+    else:
+        odds = np.array([kind_weights.get(kind, 1.0) for kind in options])
+        kind = str(rng.choice(options, p=odds / odds.sum()))
     if kind == "appear":
         shape = Shape(str(rng.choice([s for s in SHAPES if s not in present])), str(rng.choice(list(COLORS))),
                       int(rng.choice(free_cells)))
@@ -190,7 +208,7 @@ def offline_qa(clip: Clip, rng: np.random.Generator) -> tuple[QAPair, ...]:
         if event.kind in ("appear", "leave"):
             verb = "appear" if event.kind == "appear" else "leave"
             pairs.append(QAPair(f"when did the {event.color} {event.shape} {verb}?",
-                                f"at {clip.timestamps[event.frame]:.1f} seconds"))
+                                f"at {clip.timestamps[event.frame]:.1f} seconds", kind="when"))
     order = rng.permutation(len(pairs)) if pairs else []
     return tuple(pairs[i] for i in order)
 

@@ -63,9 +63,8 @@ that every notebook, widget and test has a model that actually watches the frame
 - Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
   {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
-  cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}, silence weight
-  {train['silence_weight']}, offline QA share
-  {train['offline_qa_fraction']}.
+  cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}{_kinds(train)},
+  silence weight {train['silence_weight']}, offline QA share {train['offline_qa_fraction']}{_turns(train)}.
 - Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
   {json.dumps(prompt) if prompt is not None else "the family's published prompt"}.
 {time_line}
@@ -84,6 +83,17 @@ recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech
 
 Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
+
+
+def _kinds(train: dict) -> str:
+    weights = train.get("event_kind_weights") or []
+    odds = ", ".join(f"{kind} x{weight:g}" for kind, weight in weights)
+    return f" (event kinds oversampled: {odds}; evaluation draws them uniformly)" if odds else ""
+
+
+def _turns(train: dict) -> str:
+    turns = train.get("offline_qa_turns", 1)
+    return f" (up to {turns} questions of one kind per offline sample)" if turns > 1 and train["offline_qa_fraction"] else ""
 
 
 def write_model_card(root: str | Path, clips: int = 100, progress: bool = True,

@@ -16,6 +16,7 @@ caches hold after streaming the clip; end-of-turn tokens and placeholders never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,16 +87,27 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
                           frame_timestamps=list(clip.timestamps))
 
 
-def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any) -> TrainingSample:
-    """An offline turn: the clip as a video (MOSS-VL: with its timestamps) + a question -> the answer."""
+def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any,
+                      follow_ups: Sequence[tuple[str, str]] = ()) -> TrainingSample:
+    """An offline turn: the clip as a video (MOSS-VL: with its timestamps) + a question -> the answer; each
+    (question, answer) of `follow_ups` is one more user turn about the same video, so one pass of the vision tower
+    teaches several answers. Only answers (and their end-of-turn token) carry loss."""
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
                                                                        {"type": "text", "text": question}]}])
     close = "<|im_end|>\n" if family_style(processor.family) == "chatml" else "<|eot_id|>"
     video = {"frames": clip.frames, "timestamps": list(clip.timestamps)}
     prompt = processor(text, videos=[video])
-    answer_ids = processor.tokenizer.encode(answer + close, add_special_tokens=False)
-    ids = torch.cat([prompt["input_ids"][0], torch.tensor(answer_ids)])
-    labels = torch.cat([torch.full_like(prompt["input_ids"][0], IGNORE), torch.tensor(answer_ids)])
+    ids, labels = [prompt["input_ids"][0]], [torch.full_like(prompt["input_ids"][0], IGNORE)]
+    for k, reply in enumerate([answer, *(a for _, a in follow_ups)]):
+        if k:
+            turn = processor.apply_chat_template([{"role": "user", "content": follow_ups[k - 1][0]}])
+            turn_ids = torch.tensor(processor.tokenizer.encode(turn, add_special_tokens=False))
+            ids.append(turn_ids)
+            labels.append(torch.full_like(turn_ids, IGNORE))
+        answer_ids = torch.tensor(processor.tokenizer.encode(reply + close, add_special_tokens=False))
+        ids.append(answer_ids)
+        labels.append(answer_ids)
     keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
-    return TrainingSample(input_ids=ids, labels=labels, vision={k: v for k, v in prompt.items() if k in keep},
+    return TrainingSample(input_ids=torch.cat(ids), labels=torch.cat(labels),
+                          vision={k: v for k, v in prompt.items() if k in keep},
                           frame_timestamps=list(clip.timestamps))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.synthetic import EVAL_SEEDS, make_clip
+from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, make_clip
 from ..processing.templates import family_style
 from . import distributed
 from .batching import collate, weighted_lm_loss
@@ -59,8 +59,13 @@ class TrainConfig:
     # chance of a scene event per second in TRAINING clips (evaluation keeps make_clip's 0.25): denser events give
     # more caption targets per frame of compute, and silence is still decided by whether the frame changed
     event_rate: float = 0.25
+    # relative odds of event kinds in TRAINING clips, e.g. (("move", 3.0),); () = uniform, as in evaluation
+    event_kind_weights: tuple[tuple[str, float], ...] = ()
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
+    # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an
+    # earlier "what happened at" turn); evaluation asks one at a time
+    offline_qa_turns: int = 1
     out_dir: str | None = None               # checkpoint + processor + train_log.json (None = nothing saved)
     log_every: int = 10
     train_seeds: tuple[int, ...] = ()        # fixed clip seeds to cycle through (overfitting, tests)
@@ -73,7 +78,9 @@ class TrainConfig:
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
                   "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
                   "offline_qa_fraction": 0 <= self.offline_qa_fraction <= 1,
+                  "offline_qa_turns": self.offline_qa_turns >= 1,
                   "event_rate": 0 <= self.event_rate <= 1,
+                  "event_kind_weights": all(k in EVENT_KINDS and w >= 0 for k, w in self.event_kind_weights),
                   "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -107,14 +114,17 @@ def clip_seed(index: int, cfg: TrainConfig) -> int:
 
 def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, frame_size: int) -> TrainingSample:
     """Global sample `index` of the run: a realtime stream, or (MOSS-VL, with probability offline_qa_fraction)
-    an offline timestamp question about the clip."""
+    offline timestamp questions about the clip (up to offline_qa_turns, of the kind of the first)."""
     clip = make_clip(clip_seed(index, cfg), size=frame_size, min_seconds=cfg.clip_seconds[0],
-                     max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate)
+                     max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate,
+                     kind_weights=dict(cfg.event_kind_weights) or None)
     rng = np.random.default_rng([cfg.seed, index])
     if cfg.offline_qa_fraction and clip.qa and family_style(model_cfg.family) == "chatml" \
             and rng.random() < cfg.offline_qa_fraction:
         pair = clip.qa[int(rng.integers(len(clip.qa)))]
-        return offline_qa_sample(clip, pair.question, pair.answer, processor)
+        more = [(p.question, p.answer) for p in clip.qa if p.kind == pair.kind and p is not pair]
+        return offline_qa_sample(clip, pair.question, pair.answer, processor,
+                                 follow_ups=more[:cfg.offline_qa_turns - 1])
     return realtime_sample(clip, processor, model_cfg)
 
 
@@ -316,7 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-seconds", type=int, nargs=2, default=list(d.clip_seconds), metavar=("MIN", "MAX"))
     p.add_argument("--frame-size", type=int, default=d.frame_size)
     p.add_argument("--event-rate", type=float, default=d.event_rate, help="scene events per second in training clips")
+    p.add_argument("--event-weight", action="append", default=[], metavar="KIND=WEIGHT",
+                   help="odds of an event kind in training clips relative to the others (default 1), e.g. move=3")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
+    p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
+                   help="questions per offline QA sample (one kind per sample)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--train-seeds", default="", help="comma-separated fixed clip seeds (default: endless stream)")
     p.add_argument("--max-tokens-per-turn", type=int, default=d.max_tokens_per_turn)
@@ -331,10 +345,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                        silence_weight=args.silence_weight, eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
-                       event_rate=args.event_rate, frame_size=args.frame_size,
-                       offline_qa_fraction=args.offline_qa_fraction, out_dir=args.out, log_every=args.log_every,
+                       event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),
+                       frame_size=args.frame_size,
+                       offline_qa_fraction=args.offline_qa_fraction, offline_qa_turns=args.offline_qa_turns,
+                       out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),
                        max_tokens_per_turn=args.max_tokens_per_turn)
+
+
+def _kind_weights(items: list[str]) -> tuple[tuple[str, float], ...]:
+    try:
+        return tuple((kind, float(weight)) for kind, weight in (item.split("=", 1) for item in items))
+    except ValueError:
+        raise SystemExit(f"--event-weight takes KIND=WEIGHT (e.g. move=3), got {items}") from None
 
 
 def _run_info(world_size: int, argv: list[str]) -> dict[str, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
+import pytest
 
 from mossvl_lab.data.synthetic import BACKGROUND, COLORS, EVAL_SEEDS, make_clip, question_answers, write_clip
 
@@ -56,3 +59,20 @@ def test_clip_writes_to_mp4_and_decodes_back(tmp_path):
     decoded = decode_video(path, VideoSampling.moss_vl(video_fps=1.0, max_frames=64))
     assert len(decoded.frames) == 8 and list(decoded.timestamps) == [float(t) for t in range(8)]
     assert np.abs(decoded.frames.astype(int) - clip.frames.astype(int)).mean() < 12  # lossy codec, same picture
+
+
+def test_kind_weights_change_only_which_events_training_clips_get():
+    def kinds(weights):
+        counts = collections.Counter()
+        for seed in range(150):
+            counts.update(e.kind for e in make_clip(seed, event_rate=0.5, kind_weights=weights).events)
+        return counts
+
+    uniform, moves, no_moves = kinds(None), kinds({"move": 4.0}), kinds({"move": 0.0})
+    assert no_moves["move"] == 0 and sum(no_moves.values()) > 0
+    # four times the odds of a move whenever one is possible: clearly more of them than the uniform draw gives
+    assert moves["move"] / sum(moves.values()) > 1.5 * uniform["move"] / sum(uniform.values())
+    with pytest.raises(ValueError, match="kind_weights"):
+        make_clip(1, kind_weights={"teleport": 1.0})
+    with pytest.raises(ValueError, match="kind_weights"):
+        make_clip(1, kind_weights={"move": -1.0})

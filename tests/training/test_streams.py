@@ -12,7 +12,7 @@ from mossvl_lab.data.synthetic import make_clip
 from mossvl_lab.processing.processor import ProcessingConfig
 from mossvl_lab.streaming.policies import TeacherForcedPolicy
 from mossvl_lab.streaming.session import RealtimeSession
-from mossvl_lab.training.streams import IGNORE, realtime_sample
+from mossvl_lab.training.streams import IGNORE, offline_qa_sample, realtime_sample
 
 SIZES = {"video-preview-tiny": 56, "moss-vl-tiny": 64}
 
@@ -55,3 +55,20 @@ def test_realtime_sample_is_what_the_session_feeds(preset, settings):
         assert ("1.0 seconds" in text) != bool(settings)
     frames = int((sample.input_ids == cfg.tokens.image_token_id).sum())
     assert frames == len(clip.frames) and (sample.labels[sample.input_ids == cfg.tokens.image_token_id] == IGNORE).all()
+
+
+def test_offline_follow_up_questions_extend_the_single_question_sample():
+    processor = ml.processor_for_model(ml.config.preset("moss-vl-tiny"))
+    clip = next(c for c in (make_clip(s, size=64, min_seconds=6, max_seconds=8, event_rate=0.5) for s in range(50))
+                if len(c.qa) >= 3)
+    first, *rest = clip.qa[:3]
+    one = offline_qa_sample(clip, first.question, first.answer, processor)
+    three = offline_qa_sample(clip, first.question, first.answer, processor,
+                              follow_ups=[(p.question, p.answer) for p in rest])
+    n = one.input_ids.numel()
+    assert torch.equal(three.input_ids[:n], one.input_ids) and torch.equal(three.labels[:n], one.labels)
+    tok = processor.tokenizer
+    trained = tok.decode([t for t in three.labels.tolist() if t != IGNORE])
+    assert trained == "".join(f"{p.answer}<|im_end|>\n" for p in (first, *rest))  # answers only carry loss
+    tail = tok.decode(three.input_ids[n:].tolist())
+    assert all(f"user\n{p.question}<|im_end|>" in tail for p in rest)

@@ -166,3 +166,22 @@ def test_evaluate_smoke_moss_vl_with_timestamp_qa():
     m = evaluate(model, processor, seeds, clip_seconds=(3, 4), qa_per_clip=1, max_tokens_per_turn=2)
     assert (m.clips, m.frames, m.targets) == (1, len(clip.frames), len(clip.speech()))
     assert m.qa_total == 1 and model.training  # the train/eval mode is restored
+
+
+def test_offline_samples_ask_several_questions_of_one_kind():
+    mcfg = ml.config.preset("moss-vl-tiny")
+    processor = ml.processor_for_model(mcfg)
+    cfg = TrainConfig(offline_qa_fraction=1.0, offline_qa_turns=3, clip_seconds=(8, 10), event_rate=0.5)
+    tok = processor.tokenizer
+    saw_several = False
+    for index in range(6):
+        sample = make_sample(index, cfg, processor, mcfg, 64)
+        answers = [a for a in tok.decode([t for t in sample.labels.tolist() if t != IGNORE]).split("<|im_end|>\n") if a]
+        kinds = {a.startswith("at ") for a in answers}  # "at T seconds" answers "when"; captions answer "what at"
+        assert 1 <= len(answers) <= 3 and len(kinds) == 1
+        saw_several |= len(answers) > 1
+    assert saw_several
+    with pytest.raises(ValueError, match="offline_qa_turns"):
+        TrainConfig(offline_qa_turns=0)
+    with pytest.raises(ValueError, match="event_kind_weights"):
+        TrainConfig(event_kind_weights=(("teleport", 1.0),))
