@@ -213,6 +213,23 @@ def offline_qa(clip: Clip, rng: np.random.Generator) -> tuple[QAPair, ...]:
     return tuple(pairs[i] for i in order)
 
 
+def phrase_corpus() -> str:
+    """Every caption, question and answer shape of the task, one per line (each shape x colour), for the tiny
+    tokenizers to learn merges from: the task's words then become single tokens (a caption is ~6 tokens, not ~20),
+    so a tiny model spends its steps on watching rather than on spelling."""
+    lines = []
+    for shape in SHAPES:
+        lines += [f"what color is the {shape}?", f"the {shape} is gone"]
+        for color in COLORS:
+            other = next(c for c in COLORS if c != color)
+            lines += [f"a {color} {shape} appears", f"the {color} {shape} leaves", f"the {color} {shape} moves",
+                      f"the {color} {shape} turns {other}", f"the {shape} is {color}",
+                      f"when did the {color} {shape} appear?", f"when did the {color} {shape} leave?"]
+    # no digits here: merging some numbers (" 12") but not others would make the same time two spellings
+    lines += ["what happened at these seconds?", "at those seconds"] * 3
+    return "\n".join(lines)
+
+
 def write_clip(clip: Clip, path: str | Path) -> Path:
     """The clip as an mp4 at 1 fps through the video backend."""
     from ..processing.video import write_video

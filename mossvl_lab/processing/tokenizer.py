@@ -179,9 +179,11 @@ one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 0.0 1.0 2.0
 
 
 def default_corpus() -> str:
-    """The built-in English text (plus every family system prompt) the tiny tokenizers learn merges from."""
+    """The built-in English text, every family system prompt and the synthetic benchmark's phrases
+    (`mossvl_lab.data.synthetic.phrase_corpus`): what the tiny tokenizers learn merges from."""
+    from ..data.synthetic import phrase_corpus
     from .templates import all_system_prompts  # local import: templates imports this module
-    return _CORPUS + "\n".join(all_system_prompts())
+    return _CORPUS + "\n".join(all_system_prompts()) + "\n" + phrase_corpus()
 
 
 @functools.lru_cache(maxsize=16)

@@ -70,7 +70,9 @@ def test_round_trip_and_merges(toks):
     for text in ["héllo 世界 🎉", "  two  spaces\n\nand\ttabs", "12.5 seconds", "<|eot_id|>x<|silence|>"]:
         assert tok.decode(tok.encode(text)) == text
     sentence = "The camera watches the kitchen."
-    assert len(tok.encode(sentence)) < len(sentence.encode()) / 2  # merges learned from the built-in corpus
+    assert len(tok.encode(sentence)) < len(sentence.encode()) / 1.5  # merges learned from the built-in corpus
+    caption = "the yellow triangle turns green, the triangle is green"
+    assert len(tok.encode(caption)) == len(caption.split()) + 1  # the synthetic task's words are one token each
     assert tok.encode("a<|silence|>b") == tok.encode("a") + [tok.token_to_id("<|silence|>")] + tok.encode("b")
     assert tok.decode(tok.encode("a<|silence|>b"), skip_special_tokens=True) == "ab"
     ids = tok.encode("hi", add_special_tokens=True)
