@@ -28,17 +28,22 @@ MOSS_KEYS = ("pixel_values", "grid_thw")
 
 def collate(samples: Sequence[TrainingSample], family: str, pad_id: int) -> dict[str, Any]:
     """Model inputs for a batch: input_ids [batch, pos] (right-padded with `pad_id`), attention_mask [batch, pos],
-    labels [batch, pos] (IGNORE on padding), frame_timestamps (one per frame column), and the vision tensors."""
+    labels [batch, pos] (IGNORE on padding), decisions [batch, pos] bool (False where a sample marks none),
+    frame_timestamps (one per frame column), and the vision tensors."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     length = max(int(s.input_ids.numel()) for s in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    decisions = torch.zeros(len(samples), length, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = int(s.input_ids.numel())
         input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s.input_ids, s.labels, 1
-    batch: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if s.decisions is not None:
+            decisions[b, :n] = s.decisions
+    batch: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                 decisions=decisions)
     if family_style(family) == "chatml":
         batch.update(_moss_vision(samples))
     else:
@@ -90,8 +95,11 @@ def _column_timestamps(stamps: list[list[float]]) -> list[float | None]:
 
 
 def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, silence_id: int | None,
-                     silence_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted cross-entropy in fp32 with targets equal to `silence_id` weighted by `silence_weight`.
+                     silence_weight: float = 1.0, decisions: torch.Tensor | None = None,
+                     decision_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted cross-entropy in fp32 with targets equal to `silence_id` weighted by `silence_weight` and targets
+    marked in `decisions` (whether to speak, whether to go on; [batch, pos] bool) by `decision_weight` (the two
+    multiply where both apply).
 
     logits [batch, pos, vocab]; labels [batch, pos] (IGNORE = no loss). Returns (loss_sum, n_tokens): the
     weighted sum over targets and the number of non-ignored targets; the caller divides (spec §5.6: sum over
@@ -103,4 +111,6 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, silence_id: int
     weight = valid.double()
     if silence_id is not None and silence_weight != 1.0:
         weight = torch.where(targets == silence_id, weight * silence_weight, weight)
+    if decisions is not None and decision_weight != 1.0:
+        weight = torch.where(decisions[:, 1:], weight * decision_weight, weight)
     return (ce.double() * weight).sum(), valid.sum()  # summed in fp64: equal across batch splits

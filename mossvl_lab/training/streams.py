@@ -32,6 +32,7 @@ IGNORE = -100
 class TrainingSample:
     input_ids: torch.Tensor                 # [pos]
     labels: torch.Tensor                    # [pos]; IGNORE where no loss
+    decisions: torch.Tensor | None = None   # [pos] bool: targets that decide whether to speak (None: none marked)
     vision: dict[str, Any] = field(default_factory=dict)  # the processor's vision tensors for this sample alone
     frame_timestamps: list[float] = field(default_factory=list)
 
@@ -41,13 +42,15 @@ class _Builder:
         self.tok = processor.tokenizer
         self.ids: list[int] = []
         self.labels: list[int] = []
+        self.decisions: list[bool] = []
 
     def text(self, text: str, target: bool = False) -> None:
         self.tokens(self.tok.encode(text, add_special_tokens=False), target)
 
-    def tokens(self, ids: list[int], target: bool = False) -> None:
+    def tokens(self, ids: list[int], target: bool = False, decisions: list[bool] | None = None) -> None:
         self.ids += ids
         self.labels += ids if target else [IGNORE] * len(ids)
+        self.decisions += decisions if decisions is not None else [False] * len(ids)
 
 
 def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt: str | None = None,
@@ -56,6 +59,7 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
     prompt and MOSS-VL frames carry their time text unless the processor's `frame_timestamps` is False (the
     timestamp ablation), exactly as a RealtimeSession with that processor feeds them."""
     family, tokens = model_cfg.family, model_cfg.tokens
+    comma = _single_id(processor.tokenizer, ",")
     silence = tokens.silence_token_id
     if silence is None:
         raise ValueError("realtime training needs tokens.silence_token_id in the model config")
@@ -65,7 +69,7 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
     system = processor.default_realtime_system_prompt() if system_prompt is None else system_prompt
     build.text(processor.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": initial_prompt}]))
-    build.tokens([silence], target=True)
+    build.tokens([silence], target=True, decisions=[True])
     speech = clip.speech()
     for k, ts in enumerate(clip.timestamps):
         if clip.question is not None and clip.question.asked_at == k:
@@ -78,13 +82,21 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
             build.tokens([tokens.image_token_id])
         said = speech.get(k)
         if said is not None:
-            build.tokens(([response] if response is not None else []) + build.tok.encode(said), target=True)
-        build.tokens([silence], target=True)
+            words = ([response] if response is not None else []) + build.tok.encode(said)
+            # decisions: speaking at all (the first token), and going on after each part ("caption, answer")
+            build.tokens(words, target=True, decisions=[i == 0 or w == comma for i, w in enumerate(words)])
+        build.tokens([silence], target=True, decisions=[True])  # the first token after a frame, or after speech
     vision = processor(IMAGE * len(clip.timestamps), images=list(clip.frames))
     keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
     return TrainingSample(input_ids=torch.tensor(build.ids), labels=torch.tensor(build.labels),
+                          decisions=torch.tensor(build.decisions),
                           vision={k: v for k, v in vision.items() if k in keep},
                           frame_timestamps=list(clip.timestamps))
+
+
+def _single_id(tok: Any, text: str) -> int | None:
+    ids = tok.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any,

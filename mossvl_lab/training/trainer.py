@@ -51,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1                # the cosine ends at lr * min_lr_ratio
     silence_weight: float = 1.0              # loss weight of <|silence|> targets (spec video-preview §5.6)
+    decision_weight: float = 1.0             # loss weight of the targets that decide to speak or to go on
     eval_every: int = 0                      # steps between evaluations; 0 = only at the end
     eval_clips: int = 20                     # held-out clips per evaluation; 0 = no evaluation
     seed: int = 0
@@ -74,7 +75,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "warmup_steps": 0 <= self.warmup_steps, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-                  "silence_weight": self.silence_weight >= 0, "eval_every": self.eval_every >= 0,
+                  "silence_weight": self.silence_weight >= 0, "decision_weight": self.decision_weight >= 0,
+                  "eval_every": self.eval_every >= 0,
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
                   "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
                   "offline_qa_fraction": 0 <= self.offline_qa_fraction <= 1,
@@ -225,10 +227,11 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
     each rank's loss is scaled by world_size and the result is the gradient of the whole batch's loss."""
     tokens = model.config.tokens
     batch = collate(samples, model.config.family, tokens.pad_token_id)
-    labels = batch.pop("labels").to(device)
+    labels, decisions = batch.pop("labels").to(device), batch.pop("decisions").to(device)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     logits = runner(**batch).logits
-    loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight)
+    loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight,
+                                           decisions, cfg.decision_weight)
     total = distributed.all_reduce_sum(n_targets).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     (loss_sum * info.world_size / total).backward()
@@ -319,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--silence-weight", type=float, default=d.silence_weight)
+    p.add_argument("--decision-weight", type=float, default=d.decision_weight,
+                   help="loss weight of the decisions to speak (after each frame) and to go on (after each part)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-clips", type=int, default=d.eval_clips)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -343,7 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-                       silence_weight=args.silence_weight, eval_every=args.eval_every, eval_clips=args.eval_clips,
+                       silence_weight=args.silence_weight, decision_weight=args.decision_weight,
+                       eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),
                        frame_size=args.frame_size,

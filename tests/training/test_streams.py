@@ -72,3 +72,21 @@ def test_offline_follow_up_questions_extend_the_single_question_sample():
     assert trained == "".join(f"{p.answer}<|im_end|>\n" for p in (first, *rest))  # answers only carry loss
     tail = tok.decode(three.input_ids[n:].tolist())
     assert all(f"user\n{p.question}<|im_end|>" in tail for p in rest)
+
+
+def test_decisions_mark_speaking_and_going_on():
+    cfg = ml.config.preset("video-preview-tiny")
+    processor = ml.processor_for_model(cfg)
+    clip = next(c for c in (make_clip(s, size=56, min_seconds=8, max_seconds=12, event_rate=0.5) for s in range(40))
+                if any(", " in text for text in c.speech().values()))
+    sample = realtime_sample(clip, processor, cfg)
+    tok, silence = processor.tokenizer, cfg.tokens.silence_token_id
+    marked = sample.labels[sample.decisions].tolist()
+    assert IGNORE not in marked and len(sample.decisions) == len(sample.labels)
+    # one decision per silence target (before the first frame, after every frame or speech), one per first
+    # spoken word and one per ", " that goes on to another part: counted from the clip, not from the sample
+    speech = clip.speech()
+    parts = sum(text.count(", ") for text in speech.values())
+    assert marked.count(silence) == len(clip.frames) + 1
+    assert len(marked) == len(clip.frames) + 1 + len(speech) + parts
+    assert marked.count(tok.encode(",", add_special_tokens=False)[0]) == parts
