@@ -189,7 +189,8 @@ def default_corpus() -> str:
 @functools.lru_cache(maxsize=16)
 def _trained_bpe(corpus: str, target: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     tok = BackendTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     trainer = trainers.BpeTrainer(vocab_size=target, min_frequency=2, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus.split("\n"), trainer=trainer)
@@ -230,7 +231,11 @@ def build_tiny_tokenizer(cfg: Any, corpus: Iterable[str] | str | None = None) ->
               "normalized": False, "special": True} for i in sorted(specials)]
     data = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        # digits split one by one (as Qwen's tokenizer does): "12.0" in a question and in a frame's time text are
+        # the same tokens, never " 12" here and "12" there
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
