@@ -63,9 +63,22 @@ def test_checkpoint_watches_the_frames(shipped):
     assert measured.event_recall >= 0.45 and measured.false_alarm_rate <= 0.1, f"{name}: {measured.summary()}"
 
 
+# The targets both shipped checkpoints reach today: kept for real, so a retrained checkpoint cannot lose them.
+MET_TARGETS = ("event_recall", "false_alarm_rate")
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped checkpoints do not reach the benchmark targets yet (issue 7; "
-                                       "their model cards give the numbers); strict: passing means remove this mark")
+def test_checkpoint_keeps_the_targets_it_meets(shipped):
+    name, model, card, measured = shipped
+    kept = [(t, value, met) for t, value, met in check_targets(measured, model.config.family) if t.metric in MET_TARGETS]
+    assert len(kept) == len(MET_TARGETS)
+    lost = [f"{t.label} {value:.3f} (target {t.op} {t.value})" for t, value, met in kept if not met]
+    assert not lost, f"{name} on {CI_CLIPS} held-out clips: {measured.summary()}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the shipped checkpoints do not reach every benchmark target yet (caption EM, "
+                                       "timestamp QA: issue 7; their model cards give the numbers); strict: passing means remove this mark")
 def test_checkpoint_meets_the_benchmark_targets(shipped):
     name, model, card, measured = shipped
     missed = [f"{t.label} {value:.3f}" for t, value, met in check_targets(measured, model.config.family) if not met]
