@@ -110,15 +110,16 @@ def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any,
     video = {"frames": clip.frames, "timestamps": list(clip.timestamps)}
     prompt = processor(text, videos=[video])
     ids, labels = [prompt["input_ids"][0]], [torch.full_like(prompt["input_ids"][0], IGNORE)]
-    for k, reply in enumerate([answer, *(a for _, a in follow_ups)]):
-        if k:
-            turn = processor.apply_chat_template([{"role": "user", "content": follow_ups[k - 1][0]}])
-            turn_ids = torch.tensor(processor.tokenizer.encode(turn, add_special_tokens=False))
-            ids.append(turn_ids)
-            labels.append(torch.full_like(turn_ids, IGNORE))
-        answer_ids = torch.tensor(processor.tokenizer.encode(reply + close, add_special_tokens=False))
-        ids.append(answer_ids)
-        labels.append(answer_ids)
+
+    def add(text: str, target: bool) -> None:
+        part = torch.tensor(processor.tokenizer.encode(text, add_special_tokens=False))
+        ids.append(part)
+        labels.append(part if target else torch.full_like(part, IGNORE))
+
+    add(answer + close, target=True)
+    for follow_up, reply in follow_ups:
+        add(processor.apply_chat_template([{"role": "user", "content": follow_up}]), target=False)
+        add(reply + close, target=True)
     keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
     return TrainingSample(input_ids=torch.cat(ids), labels=torch.cat(labels),
                           vision={k: v for k, v in prompt.items() if k in keep},
