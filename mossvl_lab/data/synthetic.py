@@ -80,15 +80,23 @@ class Clip:
     events: tuple[SceneEvent, ...]
     question: Question | None
     qa: tuple[QAPair, ...] = field(default=())
+    # training only: more mid-stream questions, each about another shape and asked at another frame
+    extra_questions: tuple[Question, ...] = field(default=())
+
+    @property
+    def questions(self) -> tuple[Question, ...]:
+        """Every mid-stream question, in the order they are asked."""
+        asked = ((self.question,) if self.question is not None else ()) + self.extra_questions
+        return tuple(sorted(asked, key=lambda q: q.asked_at))
 
     def speech(self) -> dict[int, str]:
-        """What the model should say after each frame (absent = silence): event captions, and the
-        answer to the question when its evidence appears or changes."""
+        """What the model should say after each frame (absent = silence): event captions, then the answers to
+        the questions (in the order asked) whose evidence appears or changes at that frame."""
         said: dict[int, list[str]] = {}
         for event in self.events:
             said.setdefault(event.frame, []).append(event.caption)
-        if self.question is not None:
-            for frame, answer in question_answers(self):
+        for question in self.questions:
+            for frame, answer in question_answers(self, question):
                 said.setdefault(frame, []).append(answer)
         return {frame: ", ".join(parts) for frame, parts in said.items()}
 
@@ -119,12 +127,17 @@ def render(scene: list[Shape], size: int) -> np.ndarray:
 
 def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: int = 40,
               event_rate: float = 0.25, with_question: bool = True,
-              kind_weights: Mapping[str, float] | None = None) -> Clip:
+              kind_weights: Mapping[str, float] | None = None, extra_questions: int = 0) -> Clip:
     """One clip: at most one shape of each kind on screen; each second an event happens with
     probability `event_rate` (never in the first frame, which only sets the scene).
 
     kind_weights: relative odds of the event kinds possible at that moment (missing kinds weigh 1); None draws
-    them uniformly, as the evaluation clips do. Training can oversample kinds a model learns last (moves)."""
+    them uniformly, as the evaluation clips do. Training can oversample kinds a model learns last (moves).
+    extra_questions: up to len(SHAPES) - 1 more questions (training only: evaluation clips ask one), each about a
+    shape no other question asks about, at a frame no other question is asked at; they give a model more
+    question -> answer pairs per clip than the ~1 in 5 spoken frames a single question yields."""
+    if not 0 <= extra_questions < len(SHAPES):
+        raise ValueError(f"extra_questions must be in 0..{len(SHAPES) - 1}, got {extra_questions}")
     if kind_weights is not None:
         unknown = set(kind_weights) - set(EVENT_KINDS)
         if unknown or any(w < 0 for w in kind_weights.values()):
@@ -144,8 +157,22 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
         question = Question(asked_at=int(rng.integers(0, max(1, length // 2))), shape=str(rng.choice(SHAPES)))
     clip = Clip(seed=seed, frames=np.stack(frames), timestamps=tuple(float(t) for t in range(length)),
                 events=tuple(events), question=question)
+    qa = offline_qa(clip, rng)
+    extra = _extra_questions(question, length, extra_questions, rng) if question is not None else ()
     return Clip(seed=seed, frames=clip.frames, timestamps=clip.timestamps, events=clip.events,
-                question=question, qa=offline_qa(clip, rng))
+                question=question, qa=qa, extra_questions=extra)
+
+
+def _extra_questions(first: Question, length: int, count: int, rng: np.random.Generator) -> tuple[Question, ...]:
+    """`count` questions about the shapes `first` does not ask about, at distinct frames other than its own.
+    Drawn after everything else so the clip of a seed is the same with or without them."""
+    frames = [t for t in range(length) if t != first.asked_at]
+    count = min(count, len(frames))
+    if not count:
+        return ()
+    shapes = rng.permutation([s for s in SHAPES if s != first.shape])[:count]
+    asked = rng.choice(frames, size=count, replace=False)
+    return tuple(Question(asked_at=int(t), shape=str(shape)) for t, shape in zip(asked, shapes))
 
 
 def _random_event(rng: np.random.Generator, scene: list[Shape], t: int,
@@ -184,10 +211,11 @@ def _random_event(rng: np.random.Generator, scene: list[Shape], t: int,
     return SceneEvent(t, "recolor", target.shape, target.color, new_color=new)
 
 
-def question_answers(clip: Clip) -> list[tuple[int, str]]:
-    """(frame, answer) for the mid-stream question: the colour at the question if the shape is visible, then a
-    revision whenever the shape appears, changes colour or leaves. Never before the evidence exists."""
-    q = clip.question
+def question_answers(clip: Clip, question: Question | None = None) -> list[tuple[int, str]]:
+    """(frame, answer) for a mid-stream question (default: the clip's first): the colour at the question if the
+    shape is visible, then a revision whenever the shape appears, changes colour or leaves. Never before the
+    evidence exists."""
+    q = clip.question if question is None else question
     color, answers = None, []
     for t in range(len(clip.timestamps)):
         changes = [e for e in clip.events if e.frame == t and e.shape == q.shape and e.kind != "move"]

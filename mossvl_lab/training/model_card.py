@@ -63,7 +63,7 @@ that every notebook, widget and test has a model that actually watches the frame
 - Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
   {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
-  cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}{_kinds(train)},
+  cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}{_kinds(train)}{_questions(train)},
   silence weight {train['silence_weight']}, offline QA share {train['offline_qa_fraction']}{_turns(train)}.
 - Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
   {json.dumps(prompt) if prompt is not None else "the family's published prompt"}.
@@ -89,6 +89,11 @@ def _kinds(train: dict) -> str:
     weights = train.get("event_kind_weights") or []
     odds = ", ".join(f"{kind} x{weight:g}" for kind, weight in weights)
     return f" (event kinds oversampled: {odds}; evaluation draws them uniformly)" if odds else ""
+
+
+def _questions(train: dict) -> str:
+    extra = train.get("extra_questions", 0)
+    return f", {1 + extra} mid-stream questions per training clip (evaluation clips ask one)" if extra else ""
 
 
 def _turns(train: dict) -> str:

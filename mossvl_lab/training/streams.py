@@ -72,8 +72,8 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
     build.tokens([silence], target=True, decisions=[True])
     speech = clip.speech()
     for k, ts in enumerate(clip.timestamps):
-        if clip.question is not None and clip.question.asked_at == k:
-            build.text(barge_in_text(family, clip.question.text))
+        for question in (q for q in clip.questions if q.asked_at == k):
+            build.text(barge_in_text(family, question.text))
             build.tokens([silence])  # the opener the session inserts when a frame follows the prompt
         if chatml:
             frame = moss_realtime_frame_text(ts, processor.config.frame_timestamps)

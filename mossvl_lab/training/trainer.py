@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, make_clip
+from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, SHAPES, make_clip
 from ..processing.templates import family_style
 from . import distributed
 from .batching import collate, weighted_lm_loss
@@ -62,6 +62,7 @@ class TrainConfig:
     event_rate: float = 0.25
     # relative odds of event kinds in TRAINING clips, e.g. (("move", 3.0),); () = uniform, as in evaluation
     event_kind_weights: tuple[tuple[str, float], ...] = ()
+    extra_questions: int = 0                 # more mid-stream questions per TRAINING clip (evaluation asks one)
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
     # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an
@@ -83,6 +84,7 @@ class TrainConfig:
                   "offline_qa_turns": self.offline_qa_turns >= 1,
                   "event_rate": 0 <= self.event_rate <= 1,
                   "event_kind_weights": all(k in EVENT_KINDS and w >= 0 for k, w in self.event_kind_weights),
+                  "extra_questions": 0 <= self.extra_questions < len(SHAPES),
                   "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -119,7 +121,7 @@ def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, fr
     offline timestamp questions about the clip (up to offline_qa_turns, of the kind of the first)."""
     clip = make_clip(clip_seed(index, cfg), size=frame_size, min_seconds=cfg.clip_seconds[0],
                      max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate,
-                     kind_weights=dict(cfg.event_kind_weights) or None)
+                     kind_weights=dict(cfg.event_kind_weights) or None, extra_questions=cfg.extra_questions)
     rng = np.random.default_rng([cfg.seed, index])
     if cfg.offline_qa_fraction and clip.qa and family_style(model_cfg.family) == "chatml" \
             and rng.random() < cfg.offline_qa_fraction:
@@ -333,6 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--event-rate", type=float, default=d.event_rate, help="scene events per second in training clips")
     p.add_argument("--event-weight", action="append", default=[], metavar="KIND=WEIGHT",
                    help="odds of an event kind in training clips relative to the others (default 1), e.g. move=3")
+    p.add_argument("--extra-questions", type=int, default=d.extra_questions,
+                   help="mid-stream questions per training clip beyond the one evaluation clips ask (0-2)")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
                    help="questions per offline QA sample (one kind per sample)")
@@ -352,7 +356,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),
-                       frame_size=args.frame_size,
+                       extra_questions=args.extra_questions, frame_size=args.frame_size,
                        offline_qa_fraction=args.offline_qa_fraction, offline_qa_turns=args.offline_qa_turns,
                        out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),

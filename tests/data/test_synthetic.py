@@ -76,3 +76,24 @@ def test_kind_weights_change_only_which_events_training_clips_get():
         make_clip(1, kind_weights={"teleport": 1.0})
     with pytest.raises(ValueError, match="kind_weights"):
         make_clip(1, kind_weights={"move": -1.0})
+
+
+def test_extra_questions_are_training_only_additions():
+    for seed in range(60):
+        plain, more = make_clip(seed, event_rate=0.4), make_clip(seed, event_rate=0.4, extra_questions=2)
+        # the same scene, first question and offline QA: evaluation seeds are untouched by the option
+        assert plain.events == more.events and plain.question == more.question and plain.qa == more.qa
+        asked = more.questions
+        assert len(asked) == 3 and len({q.shape for q in asked}) == 3 and len({q.asked_at for q in asked}) == 3
+        assert [q.asked_at for q in asked] == sorted(q.asked_at for q in asked)
+        # every answer any question gets is spoken at its frame, after that frame's captions
+        speech = more.speech()
+        for question in asked:
+            for frame, answer in question_answers(more, question):
+                assert answer in speech[frame].split(", ")
+                captions = [e.caption for e in more.events if e.frame == frame]
+                assert speech[frame].split(", ")[:len(captions)] == captions
+        for frame, text in plain.speech().items():  # nothing the single question says goes missing
+            assert set(text.split(", ")) <= set(speech[frame].split(", "))
+    with pytest.raises(ValueError, match="extra_questions"):
+        make_clip(1, extra_questions=3)

@@ -17,19 +17,21 @@ from mossvl_lab.training.streams import IGNORE, offline_qa_sample, realtime_samp
 SIZES = {"video-preview-tiny": 56, "moss-vl-tiny": 64}
 
 
-# (preset, processor settings): the published prompts, and a checkpoint's own short prompt without frame times
-CASES = [("video-preview-tiny", {}), ("moss-vl-tiny", {}),
-         ("moss-vl-tiny", {"realtime_system_prompt": "Say what changes.", "frame_timestamps": False})]
+# (preset, processor settings, extra questions): the published prompts, and a checkpoint's own short prompt
+# without frame times; training clips may ask more than one question
+CASES = [("video-preview-tiny", {}, 0), ("moss-vl-tiny", {}, 0), ("video-preview-tiny", {}, 2),
+         ("moss-vl-tiny", {"realtime_system_prompt": "Say what changes.", "frame_timestamps": False}, 1)]
 
 
-@pytest.mark.parametrize("preset,settings", CASES)
-def test_realtime_sample_is_what_the_session_feeds(preset, settings):
+@pytest.mark.parametrize("preset,settings,extra", CASES)
+def test_realtime_sample_is_what_the_session_feeds(preset, settings, extra):
     cfg = ml.config.preset(preset)
     torch.manual_seed(0)
     model = ml.build_model(cfg).eval()
     processor = ml.processor_for_model(cfg, config=replace(ProcessingConfig.for_model(cfg), **settings))
-    clip = make_clip(11, size=SIZES[preset], min_seconds=8, max_seconds=10)
+    clip = make_clip(11, size=SIZES[preset], min_seconds=8, max_seconds=10, extra_questions=extra)
     assert clip.speech(), "pick a seed whose clip has something to say"
+    assert len(clip.questions) == 1 + extra
     sample = realtime_sample(clip, processor, cfg)
     decisions = [int(t) for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     fed = []
@@ -38,8 +40,9 @@ def test_realtime_sample_is_what_the_session_feeds(preset, settings):
     session = RealtimeSession(model, processor, policy=TeacherForcedPolicy(decisions))
     session.step()
     for k, frame in enumerate(clip.frames):
-        if clip.question.asked_at == k:
-            session.push_prompt(clip.question.text)
+        for question in clip.questions:
+            if question.asked_at == k:
+                session.push_prompt(question.text)
         session.push_frame(frame, clip.timestamps[k])
         session.step()
         while not session.waiting_for_input:  # speak until the scripted silence
