@@ -94,6 +94,14 @@ def _column_timestamps(stamps: list[list[float]]) -> list[float | None]:
     return columns
 
 
+def go_on_decisions(decisions: torch.Tensor, labels: torch.Tensor, silence_id: int | None) -> torch.Tensor:
+    """The decisions to go on or stop after a spoken part (", " or <|silence|> right after a spoken word), without
+    the decisions to start speaking after a frame. decisions, labels: [batch, pos] -> [batch, pos] bool."""
+    spoken_before = torch.zeros_like(decisions)
+    spoken_before[:, 1:] = (labels[:, :-1] != IGNORE) & (labels[:, :-1] != (-1 if silence_id is None else silence_id))
+    return decisions & spoken_before
+
+
 def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, silence_id: int | None,
                      silence_weight: float = 1.0, decisions: torch.Tensor | None = None,
                      decision_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, SHAPES, make_clip
 from ..processing.templates import family_style
 from . import distributed
-from .batching import collate, weighted_lm_loss
+from .batching import collate, go_on_decisions, weighted_lm_loss
 from .evaluate import default_frame_size, evaluate
 from .metrics import Metrics
 from .streams import TrainingSample, offline_qa_sample, realtime_sample
@@ -52,6 +52,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1                # the cosine ends at lr * min_lr_ratio
     silence_weight: float = 1.0              # loss weight of <|silence|> targets (spec video-preview §5.6)
     decision_weight: float = 1.0             # loss weight of the targets that decide to speak or to go on
+    decision_kinds: str = "all"              # which decisions decision_weight weighs: all | go_on (after speech)
     eval_every: int = 0                      # steps between evaluations; 0 = only at the end
     eval_clips: int = 20                     # held-out clips per evaluation; 0 = no evaluation
     seed: int = 0
@@ -77,6 +78,7 @@ class TrainConfig:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "warmup_steps": 0 <= self.warmup_steps, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
                   "silence_weight": self.silence_weight >= 0, "decision_weight": self.decision_weight >= 0,
+                  "decision_kinds": self.decision_kinds in ("all", "go_on"),
                   "eval_every": self.eval_every >= 0,
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
                   "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
@@ -230,6 +232,8 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
     tokens = model.config.tokens
     batch = collate(samples, model.config.family, tokens.pad_token_id)
     labels, decisions = batch.pop("labels").to(device), batch.pop("decisions").to(device)
+    if cfg.decision_kinds == "go_on":
+        decisions = go_on_decisions(decisions, labels, tokens.silence_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     logits = runner(**batch).logits
     loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight,
@@ -326,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--silence-weight", type=float, default=d.silence_weight)
     p.add_argument("--decision-weight", type=float, default=d.decision_weight,
                    help="loss weight of the decisions to speak (after each frame) and to go on (after each part)")
+    p.add_argument("--decision-kinds", choices=("all", "go_on"), default=d.decision_kinds,
+                   help="the decisions --decision-weight weighs: all, or only those to go on after a spoken part")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-clips", type=int, default=d.eval_clips)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -353,6 +359,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                        silence_weight=args.silence_weight, decision_weight=args.decision_weight,
+                       decision_kinds=args.decision_kinds,
                        eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),

@@ -11,7 +11,7 @@ import mossvl_lab as ml
 from mossvl_lab.config import ToyConvConfig, override
 from mossvl_lab.data.synthetic import make_clip
 from mossvl_lab.streaming.policies import TeacherForcedPolicy
-from mossvl_lab.training.batching import collate, weighted_lm_loss
+from mossvl_lab.training.batching import collate, go_on_decisions, weighted_lm_loss
 from mossvl_lab.training.evaluate import evaluate, stream_clip
 from mossvl_lab.training.metrics import score_clip
 from mossvl_lab.training.streams import IGNORE, offline_qa_sample, realtime_sample
@@ -92,6 +92,26 @@ def test_weighted_loss_by_hand():
     decisions = torch.tensor([[False, True, False, True]])  # the silence target and the ignored one are decisions
     weighted, n = weighted_lm_loss(logits, labels, silence, 0.5, decisions, 3.0)
     assert int(n) == 2 and float(weighted) == pytest.approx(3.0 * 0.5 * math.log(3) + math.log(2), abs=1e-6)
+
+
+def test_go_on_decisions_are_the_ones_after_speech():
+    silence, comma, word, frame = 1, 7, 5, 9
+    # frame, silence (speak decision) | frame, word (speak decision), word, comma (go on), word, silence (go on)
+    ids = [frame, silence, frame, word, word, comma, word, silence]
+    labels = torch.tensor([[IGNORE, silence, IGNORE, word, word, comma, word, silence]])
+    decisions = torch.tensor([[False, True, False, True, False, True, False, True]])
+    assert len(ids) == labels.shape[1]
+    go_on = go_on_decisions(decisions, labels, silence)
+    assert go_on.tolist() == [[False, False, False, False, False, True, False, True]]
+    # on a real stream: one go-on decision per ", " and one per frame with speech (the silence that ends it)
+    cfg = ml.config.preset("video-preview-tiny")
+    processor = ml.processor_for_model(cfg)
+    clip = make_clip(3, size=56, min_seconds=12, max_seconds=12, event_rate=0.5)
+    sample = realtime_sample(clip, processor, cfg)
+    marked = go_on_decisions(sample.decisions[None], sample.labels[None], cfg.tokens.silence_token_id)[0]
+    speech = clip.speech()
+    assert "," in "".join(speech.values())
+    assert int(marked.sum()) == len(speech) + sum(text.count(",") for text in speech.values())
 
 
 def test_schedule_and_sample_stream():
