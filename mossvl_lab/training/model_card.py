@@ -64,7 +64,7 @@ that every notebook, widget and test has a model that actually watches the frame
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
   {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
   cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}{_kinds(train)}{_questions(train)},
-  silence weight {train['silence_weight']}, offline QA share {train['offline_qa_fraction']}{_turns(train)}.
+  silence weight {train['silence_weight']}{_decisions(train)}, offline QA share {train['offline_qa_fraction']}{_turns(train)}.
 - Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
   {json.dumps(prompt) if prompt is not None else "the family's published prompt"}.
 {time_line}
@@ -89,6 +89,14 @@ def _kinds(train: dict) -> str:
     weights = train.get("event_kind_weights") or []
     odds = ", ".join(f"{kind} x{weight:g}" for kind, weight in weights)
     return f" (event kinds oversampled: {odds}; evaluation draws them uniformly)" if odds else ""
+
+
+def _decisions(train: dict) -> str:
+    weight = train.get("decision_weight", 1.0)
+    if weight == 1.0:
+        return ""
+    kinds = "to go on after speech" if train.get("decision_kinds") == "go_on" else "to speak and to go on"
+    return f", decisions {kinds} weighted {weight:g}"
 
 
 def _questions(train: dict) -> str:

@@ -1,0 +1,28 @@
+"""The model card states every training choice that makes a run differ from evaluation's clips."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from mossvl_lab.training.metrics import Metrics
+from mossvl_lab.training.model_card import render_card
+from mossvl_lab.training.trainer import TrainConfig
+
+
+def card(tmp_path: Path, **train) -> str:
+    config = dataclasses.asdict(TrainConfig(**train))
+    log = {"train_config": config, "history": [{"loss": 0.5}], "command": "python -m ..."}
+    return render_card(tmp_path, log, Metrics(clips=1, frames=10, targets=2, recalled=2, exact=1, quiet_frames=6),
+                       clips=1, eval_seconds=1.0, family="video_preview", processor_settings={}, parameters=10**6)
+
+
+def test_card_names_training_only_choices(tmp_path):
+    plain = card(tmp_path)
+    assert "mid-stream questions" not in plain and "decisions" not in plain and "oversampled" not in plain
+    chosen = card(tmp_path, extra_questions=2, decision_weight=4.0, decision_kinds="go_on",
+                  event_kind_weights=(("move", 3.0),))
+    assert "3 mid-stream questions per training clip (evaluation clips ask one)" in chosen
+    assert "decisions to go on after speech weighted 4" in chosen
+    assert "move x3" in chosen
+    assert "decisions to speak and to go on weighted 2" in card(tmp_path, decision_weight=2.0)
