@@ -48,7 +48,7 @@ from typing import Any, NoReturn
 from ..config import ConfigError, override, preset, presets
 from ..data.synthetic import EVAL_SEEDS
 from ..processing.processor import ProcessingConfig, ProcessingError
-from . import trainer
+from . import train_cli, trainer
 from .evaluate import DEFAULT_EVAL_CLIPS, cache_policy_from_spec, default_frame_size, evaluate
 
 TOP_LEVEL = ("name", "description", "base", "seeds", "variants")
@@ -282,7 +282,7 @@ def _train_or_reuse(run_dir: Path, variant: Variant, seed: int, tcfg: Any) -> tu
     argv += [a for k, v in variant.processor.items() for a in ("--processor", f"{k}={json.dumps(v)}")]
     argv += ["--toy-vision"] if variant.toy_vision else []
     argv += ["--gate-init", repr(float(variant.gate_init))] if variant.gate_init is not None else []
-    model, processor = trainer.build_from_args(trainer.parse_args(argv))
+    model, processor = train_cli.build_from_args(train_cli.parse_args(argv))
     result = trainer.train(model, processor, tcfg, progress=False)
     log = {"history": result.history, "evals": result.evals, "seconds": result.seconds,
            "cpu_seconds": result.cpu_seconds}

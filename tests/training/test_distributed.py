@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mossvl_lab as ml
-from mossvl_lab.training import trainer
+from mossvl_lab.training import train_cli
 
 ARGS = ["--preset", "video-preview-tiny", "--toy-vision",
         "--override", "text.num_layers=2", "--override", "text.cross_attention_layers=[1]",
@@ -48,7 +48,7 @@ def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads):
     assert log["world_size"] == 2
 
     one = tmp_path / "one"
-    trainer.main([*ARGS, "--out", str(one)])  # the same entry point, in this process: world size 1
+    train_cli.main([*ARGS, "--out", str(one)])  # the same entry point, in this process: world size 1
 
     assert abs(_first_step(two)["loss"] - _first_step(one)["loss"]) < 1e-6
     assert _first_step(two)["tokens"] == _first_step(one)["tokens"]
@@ -56,7 +56,7 @@ def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads):
     assert _first_step(two)["grad_norm"] == pytest.approx(_first_step(one)["grad_norm"], rel=1e-5)
     after_two = ml.load_model(two, progress=False).state_dict()
     after_one = ml.load_model(one, progress=False).state_dict()
-    start = trainer.build_from_args(trainer.parse_args([*ARGS, "--out", str(one)]))[0].state_dict()
+    start = train_cli.build_from_args(train_cli.parse_args([*ARGS, "--out", str(one)]))[0].state_dict()
     moved = max(float((after_one[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-5, "the step must change the weights for the comparison to mean anything"
     for key, value in after_one.items():
