@@ -71,9 +71,12 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
                                               {"role": "user", "content": initial_prompt}]))
     build.tokens([silence], target=True, decisions=[True])
     speech = clip.speech()
+    asked: dict[int, list[str]] = {}
+    for question in clip.questions:
+        asked.setdefault(question.asked_at, []).append(question.text)
     for k, ts in enumerate(clip.timestamps):
-        for question in (q for q in clip.questions if q.asked_at == k):
-            build.text(barge_in_text(family, question.text))
+        for question in asked.get(k, ()):
+            build.text(barge_in_text(family, question))
             build.tokens([silence])  # the opener the session inserts when a frame follows the prompt
         if chatml:
             frame = moss_realtime_frame_text(ts, processor.config.frame_timestamps)

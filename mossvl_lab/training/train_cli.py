@@ -67,7 +67,8 @@ def processing_config(cfg: Any, args: argparse.Namespace) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m mossvl_lab.training.trainer", description="Train any config on the synthetic streaming clips.",
+    p = argparse.ArgumentParser(prog="python -m mossvl_lab.training.trainer",
+                                description="Train any config on the synthetic streaming clips.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a preset name (mossvl_lab.config.presets())")
@@ -159,10 +160,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
     try:
         model, processor = build_from_args(args)
         model.to(info.device)
-        result = train(model, processor, cfg, progress=not args.no_progress, run_info=_run_info(info.world_size, sys.argv[1:] if argv is None else argv))
+        run_info = _run_info(info.world_size, sys.argv[1:] if argv is None else argv)
+        result = train(model, processor, cfg, progress=not args.no_progress, run_info=run_info)
         if info.is_main and result.final_metrics is not None:
             print(f"final eval: {result.final_metrics.summary()}")
         return result
     finally:
         distributed.shutdown()
-
