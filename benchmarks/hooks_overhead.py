@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     removed = strip_hook_points(bare)
 
     image, size = cfg.tokens.image_token_id, cfg.vision.image_size
-    ids = torch.randint(0, 1000, (1, args.text))
+    ids = torch.randint(0, min(1000, cfg.text.vocab_size), (1, args.text))
+    ids[ids == image] = 0  # placeholders only where the frames are
     ids[0, :args.frames] = image
     pixels = torch.randn(1, args.frames, 1, 3, size, size)
     prefill = dict(input_ids=ids, pixel_values=pixels)

@@ -150,7 +150,8 @@ class MossModel(nn.Module):
         cross_allowed = frame_visibility = row_mask = None
         if state.vision.has_frames:
             cross_allowed, frame_visibility = self._visibility(state, positions, cross_attention_mask, past, seq)
-            row_mask = cross_allowed.any(-1)
+            row_mask = frame_visibility.new_ones(frame_visibility.shape[:2]) if cross_allowed is None \
+                else cross_allowed.any(-1)
 
         ctx = DecoderContext(rotation=rotation, self_allowed=self_allowed, text_cache=state.text,
                              vision_cache=state.vision, new_vision=new_vision, new_vision_rotation=new_rotation,
@@ -230,6 +231,10 @@ class MossModel(nn.Module):
         if cross_attention_mask is not None:
             return moss_cross_mask(cross_attention_mask, past, seq, vision.key_frame)
         frame_visibility = frame_visibility_from_anchors(vision.anchor_positions, vision.frame_valid, positions)
+        if bool(frame_visibility.all()) and int(vision.key_frame.min()) >= 0:
+            # the usual streaming step: every row sees every cached key, so no [query_pos, vis] mask is built
+            # (None = all visible); with hundreds of unpooled frames that mask costs as much as a text layer
+            return None, frame_visibility
         return keys_from_frames(frame_visibility, vision.key_frame), frame_visibility
 
     # ------------------------------------------------------------------ generation and hooks

@@ -85,6 +85,33 @@ def test_hiding_a_frame_from_rows_equals_a_mask_that_never_showed_it():
     assert torch.allclose(hidden, explicit, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["video-preview-tiny", "mllama-tiny"])
+def test_hiding_a_frame_in_a_decode_step_that_sees_every_key(preset):
+    """A decode step after every frame sees every cached key, so the model skips building a key mask; hiding
+    frame 1 there must still equal feeding that step an explicit mask that shows frame 0 only."""
+    model = _model(preset)
+    clip = _clip(model)
+    if preset == "mllama-tiny":  # every tile real: no padding keys, so the step takes the unmasked route
+        clip.update(pixel_values=torch.randn(1, 2, 4, 3, 56, 56), aspect_ratio_ids=torch.tensor([[6, 6]]),
+                    aspect_ratio_mask=torch.ones(1, 2, 4, dtype=torch.long))
+    state = ml.StreamState()
+    step = torch.tensor([[17]])
+    with torch.no_grad():
+        model(**clip, state=state)
+        assert int(state.vision.key_frame.min()) >= 0
+        mark = state.mark()
+        open_step = model(step, state=state).logits
+        state.restore(mark)
+        with model.hooks(hide_frames(model, frames=[1])):
+            hidden = model(step, state=state).logits
+        state.restore(mark)
+        only_frame_0 = torch.zeros(1, 1, 2, clip["pixel_values"].shape[2], dtype=torch.long)  # [batch, text, frame, tile]
+        only_frame_0[:, :, 0] = 1
+        explicit = model(step, state=state, cross_attention_mask=only_frame_0).logits
+    assert torch.allclose(hidden, explicit, atol=1e-6)
+    assert (hidden - open_step).abs().max() > 1e-4  # frame 1 mattered, so hiding it was tested
+
+
 def test_frame_attention_mass_sums_each_frames_keys():
     model = _model()
     clip = _clip(model)

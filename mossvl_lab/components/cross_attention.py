@@ -47,15 +47,16 @@ class CrossAttention(HeadProjections):
         return self.hook_rot_k(k), v
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, keys: torch.Tensor, values: torch.Tensor,
-                allowed: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+                allowed: torch.Tensor | None, row_mask: torch.Tensor) -> torch.Tensor:
         """x [batch, query_pos, d_model]; keys/values [batch, kv_head, vis, d_head];
-        allowed [batch, query_pos, vis] bool; row_mask [batch, query_pos] bool (sees at least one frame).
-        Returns [batch, query_pos, d_model]."""
+        allowed [batch, query_pos, vis] bool or None (every key visible); row_mask [batch, query_pos] bool
+        (sees at least one frame). Returns [batch, query_pos, d_model]."""
         q = self.hook_q(self.split(self.q_proj(x), self.num_heads))
         q = self.hook_rot_q(apply_rope(self.q_norm(q), rotation if self.rotate else None))
         # A row that sees no frame has no defined softmax: stock Mllama lets it attend uniformly to every
         # vision key (kept for parity); with zero_empty_rows its output and pattern are zeroed below.
-        allowed = allowed | ~row_mask.unsqueeze(-1)
+        if allowed is not None:
+            allowed = allowed | ~row_mask.unsqueeze(-1)
         eager = self.force_eager or self.hook_pattern.active
         pattern_hook = self.hook_pattern
         if self.zero_empty_rows and eager:

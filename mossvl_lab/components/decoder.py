@@ -35,7 +35,7 @@ class DecoderContext:
     vision_cache: "VisionKVCache"
     new_vision: torch.Tensor | None      # [batch, vis_new, d_model] states of frames added in this forward
     new_vision_rotation: Rotation | None  # [batch, vis_new, d_head]
-    cross_allowed: torch.Tensor | None   # [batch, query_pos, vis] over every cached frame token
+    cross_allowed: torch.Tensor | None   # [batch, query_pos, vis] over every cached frame token; None = all
     frame_visibility: torch.Tensor | None  # [batch, query_pos, frame]
     row_mask: torch.Tensor | None        # [batch, query_pos] bool: sees at least one frame
 
@@ -115,7 +115,8 @@ class CrossAttnBlock(nn.Module):
         allowed, row_mask = ctx.cross_allowed, ctx.row_mask
         visibility = self.cross_attn.hook_visibility(ctx.frame_visibility)
         if visibility is not ctx.frame_visibility:  # an intervention edited which frames rows see: hide keys too
-            allowed = allowed & keys_from_frames(visibility, ctx.vision_cache.key_frame)
+            edited = keys_from_frames(visibility, ctx.vision_cache.key_frame)
+            allowed = edited if allowed is None else allowed & edited
             row_mask = allowed.any(-1)
         row_mask = self.hook_row_mask(row_mask)
         attn_gate, mlp_gate = self.gate_values()
