@@ -70,8 +70,9 @@ def timed(fn, state, repeats: int) -> float:
 
 def run_ours(model, processor, clip, prompt, repeats):
     """Stream the clip into a RealtimeSession (its caches are what we measure on), then time, as medians of
-    `repeats` rolled-back runs: ingesting one more frame early (after EARLY_FRAMES) and late (after all), the prompt
-    step (barge-in text, one forward, the first answer token), and one decode step."""
+    `repeats` rolled-back runs: ingesting one more frame early (after EARLY_FRAMES) and late (after all), and the
+    prompt step (barge-in text, one forward, the first answer token). Returns those and the caches, which then hold
+    the prompt (what decoding continues from)."""
     session = RealtimeSession(model, processor, policy=SpeakAfterPrompt(), max_frames_queued=len(clip) + 1)
     session.step()
     stream, silence, image = session.stream, session.silence_id, model.config.tokens.image_token_id

@@ -105,7 +105,8 @@ def test_hiding_a_frame_in_a_decode_step_that_sees_every_key(preset):
         with model.hooks(hide_frames(model, frames=[1])):
             hidden = model(step, state=state).logits
         state.restore(mark)
-        only_frame_0 = torch.zeros(1, 1, 2, clip["pixel_values"].shape[2], dtype=torch.long)  # [batch, text, frame, tile]
+        tiles = clip["pixel_values"].shape[2]
+        only_frame_0 = torch.zeros(1, 1, 2, tiles, dtype=torch.long)  # [batch, text_pos, frame, tile]
         only_frame_0[:, :, 0] = 1
         explicit = model(step, state=state, cross_attention_mask=only_frame_0).logits
     assert torch.allclose(hidden, explicit, atol=1e-6)
