@@ -9,7 +9,7 @@ fixed evaluation set (`EVAL_SEEDS`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +159,7 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
                 events=tuple(events), question=question)
     qa = offline_qa(clip, rng)
     extra = _extra_questions(question, length, extra_questions, rng) if question is not None else ()
-    return Clip(seed=seed, frames=clip.frames, timestamps=clip.timestamps, events=clip.events,
-                question=question, qa=qa, extra_questions=extra)
+    return replace(clip, qa=qa, extra_questions=extra)
 
 
 def _extra_questions(first: Question, length: int, count: int, rng: np.random.Generator) -> tuple[Question, ...]:

@@ -253,7 +253,6 @@ def _save(model: Any, processor: Any, cfg: TrainConfig, out_dir: Path, history: 
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
-
 if __name__ == "__main__":  # the documented entry point; the command line lives in train_cli
     from mossvl_lab.training.train_cli import main
     main()
