@@ -1,8 +1,8 @@
 """Procedural timestamped clips: coloured shapes that appear, leave, move and change colour, at 1 fps.
 
 Every clip comes with what a real-time model should say (a caption at each event frame, silence
-elsewhere; the answer to a mid-stream question once its evidence is visible, revised when the scene
-changes) and offline QA pairs that need timestamps. Seeds decide everything, so held-out seeds form a
+elsewhere; a reply to a mid-stream question when it is asked, the colour or "not here", revised when the
+scene changes) and offline QA pairs that need timestamps. Seeds decide everything, so held-out seeds form a
 fixed evaluation set (`EVAL_SEEDS`).
 """
 
@@ -99,6 +99,10 @@ class Clip:
             for frame, answer in question_answers(self, question):
                 said.setdefault(frame, []).append(answer)
         return {frame: ", ".join(parts) for frame, parts in said.items()}
+
+    def reply_frames(self) -> set[int]:
+        """The frames whose target speech carries a reply to a mid-stream question."""
+        return {frame for question in self.questions for frame, _ in question_answers(self, question)}
 
 
 def _draw(frame: np.ndarray, shape: Shape) -> None:
@@ -211,19 +215,25 @@ def _random_event(rng: np.random.Generator, scene: list[Shape], t: int,
 
 
 def question_answers(clip: Clip, question: Question | None = None) -> list[tuple[int, str]]:
-    """(frame, answer) for a mid-stream question (default: the clip's first): the colour at the question if the
-    shape is visible, then a revision whenever the shape appears, changes colour or leaves. Never before the
-    evidence exists."""
+    """(frame, answer) for a mid-stream question (default: the clip's first): at the frame it is asked, the colour
+    if the shape is visible, else "the <shape> is not here"; then a revision whenever the shape appears, changes
+    colour or leaves. Never before the evidence exists.
+
+    Why every question gets a reply when asked (task v2, session 6): with v1's silence for an absent shape, the
+    first answer often came after a later caption and had to be matched against a question up to ~100 tokens
+    back, a link the tiny models never formed (attention probe, issue 7). A reply at once keeps question and
+    answer adjacent, and later revisions can match against the model's own reply. A real assistant, too,
+    acknowledges a question it cannot answer yet."""
     q = clip.question if question is None else question
     color, answers = None, []
     for t in range(len(clip.timestamps)):
         changes = [e for e in clip.events if e.frame == t and e.shape == q.shape and e.kind != "move"]
         for event in changes:
             color = {"appear": event.color, "recolor": event.new_color, "leave": None}[event.kind]
-        if t == q.asked_at and color is not None:
-            answers.append((t, f"the {q.shape} is {color}"))
+        if t == q.asked_at:
+            answers.append((t, f"the {q.shape} is {color or 'not here'}"))
         elif t > q.asked_at and changes:
-            answers.append((t, f"the {q.shape} is {color}" if color is not None else f"the {q.shape} is gone"))
+            answers.append((t, f"the {q.shape} is {color or 'gone'}"))
     return answers
 
 

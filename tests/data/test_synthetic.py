@@ -41,6 +41,25 @@ def test_speech_targets_only_at_event_frames_or_answers():
         assert all(f >= clip.question.asked_at for f in answer_frames)  # never before the question is asked
 
 
+def test_a_question_is_answered_when_asked_and_revised_when_its_shape_changes():
+    """Expected answers rebuilt from the events alone: the colour (or 'not here') at the asked frame, then a
+    revision at each later frame where the asked shape appears, changes colour or leaves; moves say nothing."""
+    for seed in range(40):
+        clip = make_clip(seed, extra_questions=2)
+        for question in clip.questions:
+            shape, visible, expected = question.shape, None, []
+            for t in range(len(clip.frames)):
+                changes = [e for e in clip.events if e.frame == t and e.shape == shape and e.kind != "move"]
+                for event in changes:
+                    visible = None if event.kind == "leave" else (event.new_color or event.color)
+                if t == question.asked_at:
+                    expected.append((t, f"the {shape} is {visible or 'not here'}"))
+                elif t > question.asked_at and changes:
+                    expected.append((t, f"the {shape} is {visible or 'gone'}"))
+            assert question_answers(clip, question) == expected, seed
+            assert question_answers(clip, question)[0][0] == question.asked_at  # every question gets a reply
+
+
 def test_offline_qa_answers_need_timestamps():
     clip = make_clip(3)
     for pair in clip.qa:
