@@ -203,7 +203,7 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
         for clip in clips:
             predicted = stream_clip(model, processor, clip, max_tokens_per_turn=max_tokens_per_turn,
                                     cache_policy=cache_policy)
-            total = total + score_clip(clip.speech(), predicted, len(clip.frames))
+            total = total + score_clip(clip.speech(), predicted, len(clip.frames), reply_frames=clip.reply_frames())
             if qa:
                 pairs = [(answer_offline(model, processor, clip, p.question), p.answer) for p in clip.qa[:qa_per_clip]]
                 total = total + score_qa(pairs)

@@ -8,7 +8,9 @@ maps a frame to what the model said after it (absent = silence). With tolerance 
   equals the target's (after normalising case and whitespace) is preferred, else the nearest one; ties go to
   the earlier frame;
 * **event recall** = recalled / targets;
-* **caption exact match** = recalled targets whose matched text equals the target text / recalled;
+* **caption exact match** = recalled targets whose matched text equals the target text / recalled; split in
+  two diagnostics when the caller marks the targets that carry a reply to a mid-stream question
+  (`reply_frames`): **reply exact match** over those, **event-caption exact match** over the rest;
 * **mean response delay** = mean of g - f over recalled targets (negative when the model spoke early);
 * **false-alarm rate** = quiet frames at which the model spoke / quiet frames, where a quiet frame has no
   target within +-1 frame ("speech when nothing changed");
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -42,6 +44,8 @@ class Metrics:
     targets: int = 0           # frames with target speech
     recalled: int = 0          # targets matched by speech within the tolerance
     exact: int = 0             # recalled targets whose matched text equals the target
+    reply_recalled: int = 0    # of `recalled`, targets that carry a reply to a mid-stream question
+    reply_exact: int = 0       # of `exact`, targets that carry a reply
     delay_sum: int = 0         # sum of (spoken frame - target frame) over recalled targets
     quiet_frames: int = 0      # frames with no target within the tolerance
     false_alarms: int = 0      # quiet frames at which the model spoke
@@ -70,6 +74,14 @@ class Metrics:
         return _ratio(self.exact, self.recalled)
 
     @property
+    def reply_exact_match(self) -> float:
+        return _ratio(self.reply_exact, self.reply_recalled)
+
+    @property
+    def event_caption_exact_match(self) -> float:
+        return _ratio(self.exact - self.reply_exact, self.recalled - self.reply_recalled)
+
+    @property
     def mean_delay_frames(self) -> float:
         return _ratio(self.delay_sum, self.recalled)
 
@@ -78,10 +90,11 @@ class Metrics:
         return _ratio(self.qa_correct, self.qa_total)
 
     RATES = ("event_recall", "false_alarm_rate", "caption_exact_match", "mean_delay_frames", "qa_accuracy")
+    SPLIT_RATES = ("event_caption_exact_match", "reply_exact_match")  # diagnostics: in to_dict, not in ablations
 
     def to_dict(self) -> dict[str, float | int | None]:
         """Rates (None where undefined) followed by the counts: JSON-ready."""
-        rates = {name: getattr(self, name) for name in self.RATES}
+        rates = {name: getattr(self, name) for name in self.RATES + self.SPLIT_RATES}
         out: dict[str, float | int | None] = {k: (None if math.isnan(v) else v) for k, v in rates.items()}
         out.update(dataclasses.asdict(self))
         return out
@@ -90,24 +103,27 @@ class Metrics:
         def pct(x: float) -> str:
             return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
         delay = "n/a" if math.isnan(self.mean_delay_frames) else f"{self.mean_delay_frames:+.2f}"
+        split = (f" (event captions {pct(self.event_caption_exact_match)}, replies {pct(self.reply_exact_match)})"
+                 if self.reply_recalled else "")
         text = (f"recall {pct(self.event_recall)} ({self.recalled}/{self.targets}), false alarms "
                 f"{pct(self.false_alarm_rate)} ({self.false_alarms}/{self.quiet_frames}), captions exact "
-                f"{pct(self.caption_exact_match)}, delay {delay} frames")
+                f"{pct(self.caption_exact_match)}{split}, delay {delay} frames")
         if self.qa_total:
             text += f", timestamp QA {pct(self.qa_accuracy)} ({self.qa_correct}/{self.qa_total})"
         return text
 
 
 def score_clip(targets: Mapping[int, str], predicted: Mapping[int, str], n_frames: int,
-               tolerance: int = 1) -> Metrics:
-    """Counts for one clip. targets / predicted: {frame: text}; frames outside 0..n_frames-1 are an error."""
+               tolerance: int = 1, reply_frames: Collection[int] = ()) -> Metrics:
+    """Counts for one clip. targets / predicted: {frame: text}; frames outside 0..n_frames-1 are an error.
+    reply_frames: target frames whose text carries a reply to a mid-stream question (for the split counts)."""
     for name, table in (("targets", targets), ("predicted", predicted)):
         bad = [f for f in table if not 0 <= f < n_frames]
         if bad:
             raise ValueError(f"{name} has frames {sorted(bad)} outside 0..{n_frames - 1}")
     spoken = {f: normalize_text(t) for f, t in predicted.items() if normalize_text(t)}
     used: set[int] = set()
-    recalled = exact = delay_sum = 0
+    recalled = exact = delay_sum = reply_recalled = reply_exact = 0
     for f in sorted(targets):
         want = normalize_text(targets[f])
         window = [g for g in range(f - tolerance, f + tolerance + 1) if g in spoken and g not in used]
@@ -119,10 +135,14 @@ def score_clip(targets: Mapping[int, str], predicted: Mapping[int, str], n_frame
         used.add(g)
         recalled += 1
         exact += int(bool(matching))
+        if f in reply_frames:
+            reply_recalled += 1
+            reply_exact += int(bool(matching))
         delay_sum += g - f
     near_target = {g for f in targets for g in range(f - tolerance, f + tolerance + 1)}
     quiet = [k for k in range(n_frames) if k not in near_target]
     return Metrics(clips=1, frames=n_frames, targets=len(targets), recalled=recalled, exact=exact,
+                   reply_recalled=reply_recalled, reply_exact=reply_exact,
                    delay_sum=delay_sum, quiet_frames=len(quiet), false_alarms=sum(k in spoken for k in quiet),
                    spoken_frames=len(spoken))
 

@@ -44,12 +44,13 @@ def render_card(root: Path, log: dict[str, Any], metrics: Metrics, clips: int, e
     extra = [log[k] for k in ("concurrency", "cpu_seconds_source") if k in log]
     note = "".join(f"\n  {text[0].upper() + text[1:]}." for text in extra)
     last_loss = history[-1]["loss"] if history else float("nan")
+    offline_qa = ", answer offline timestamp questions" if family == "moss_vl" else ""
     return f"""# {root.name}
 
 A tiny {family} model ({parameters / 1e6:.2f} M parameters, {_size_mb(root):.1f} MB on disk) trained from scratch
 on CPU by mossvl-lab on the synthetic streaming task (`mossvl_lab.data.synthetic`: coloured shapes that appear,
 leave, move and change colour at 1 fps; speak a caption at each event, stay silent otherwise, answer a
-mid-stream colour question{', answer offline timestamp questions' if family == 'moss_vl' else ''}). It exists so
+mid-stream colour question when asked and again when the answer changes{offline_qa}). It exists so
 that every notebook, widget and test has a model that actually watches the frames; it knows nothing else.
 
 ## How it was trained
@@ -79,10 +80,20 @@ frame by frame through a `RealtimeSession` with the greedy policy ({eval_seconds
 {rows}
 
 Mean response delay: {'n/a' if math.isnan(delay) else f'{delay:+.2f}'} frames. Counts: {metrics.recalled}/{metrics.targets} events
-recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech{f', {metrics.qa_correct}/{metrics.qa_total} timestamp questions' if metrics.qa_total else ''}.
+recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech{f', {metrics.qa_correct}/{metrics.qa_total} timestamp questions' if metrics.qa_total else ''}.{_split(metrics)}
 
 Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
+
+
+def _split(metrics: Metrics) -> str:
+    """Caption exact match split into recalled targets that carry a reply to the mid-stream question and the rest."""
+    if not metrics.reply_recalled:
+        return ""
+    captions = metrics.recalled - metrics.reply_recalled
+    return (f"\nCaption exact match split: event captions alone {_pct(metrics.event_caption_exact_match)} "
+            f"({metrics.exact - metrics.reply_exact}/{captions}), targets carrying a reply "
+            f"{_pct(metrics.reply_exact_match)} ({metrics.reply_exact}/{metrics.reply_recalled}).")
 
 
 def _kinds(train: dict) -> str:

@@ -81,3 +81,27 @@ def test_sums_and_qa():
 def test_frames_out_of_range_are_an_error():
     with pytest.raises(ValueError, match="outside"):
         score_clip({5: "x"}, {}, n_frames=5)
+
+
+def test_reply_targets_split_the_caption_exact_match():
+    # targets at 2 (caption only), 5 and 8 (carry a reply); the model gets 2 right, 5 right, 8 without its reply
+    targets = {2: "a red square appears", 5: "the square is red", 8: "the red square leaves, the square is gone"}
+    predicted = {2: "a red square appears", 5: "the square is red", 8: "the red square leaves"}
+    m = score_clip(targets, predicted, n_frames=10, reply_frames={5, 8})
+    assert (m.recalled, m.exact, m.reply_recalled, m.reply_exact) == (3, 2, 2, 1)
+    assert m.reply_exact_match == 0.5 and m.event_caption_exact_match == 1.0
+    assert m.caption_exact_match == pytest.approx(2 / 3)
+    assert "event captions 100.0%, replies 50.0%" in m.summary()
+    # a reply target that was never recalled counts in neither split
+    m = score_clip(targets, {2: "a red square appears"}, n_frames=10, reply_frames={5, 8})
+    assert (m.reply_recalled, m.reply_exact) == (0, 0) and math.isnan(m.reply_exact_match)
+
+
+def test_reply_frames_of_a_clip_are_where_its_questions_are_answered():
+    from mossvl_lab.data.synthetic import make_clip
+
+    for seed in range(10):
+        clip = make_clip(seed, extra_questions=1)
+        # replies read "the <shape> is <colour | gone | not here>"; no event caption contains " is "
+        said_reply = {frame for frame, text in clip.speech().items() if " is " in text}
+        assert clip.reply_frames() == said_reply and {q.asked_at for q in clip.questions} <= said_reply, seed

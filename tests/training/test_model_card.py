@@ -26,3 +26,15 @@ def test_card_names_training_only_choices(tmp_path):
     assert "decisions to go on after speech weighted 4" in chosen
     assert "move x3" in chosen
     assert "decisions to speak and to go on weighted 2" in card(tmp_path, decision_weight=2.0)
+
+
+def test_card_splits_caption_exact_match_by_reply_targets(tmp_path):
+    config = dataclasses.asdict(TrainConfig())
+    log = {"train_config": config, "history": [{"loss": 0.5}], "command": "python -m ..."}
+    metrics = Metrics(clips=2, frames=20, targets=10, recalled=10, exact=7, reply_recalled=4, reply_exact=2,
+                      quiet_frames=6)
+    text = render_card(tmp_path, log, metrics, clips=2, eval_seconds=1.0, family="video_preview",
+                       processor_settings={}, parameters=10**6)
+    # 7 exact of 10: 5 of the 6 caption-only targets, 2 of the 4 that carry a reply
+    assert "event captions alone 83.3% (5/6), targets carrying a reply 50.0% (2/4)" in text
+    assert "Caption exact match split" not in card(tmp_path)  # nothing marked as a reply: no split line
