@@ -195,8 +195,9 @@ class ThreadedSession:
             _offer(self.output, error_line(err), _after(1.0))
         finally:
             self.session.close()
+            give_up = _after(1.0)  # one deadline for all closing chunks: each must not add its own second
             for chunk in self.protocol.end():
-                _offer(self.output, chunk, _after(1.0))
+                _offer(self.output, chunk, give_up)
 
     def _record(self, event: Event) -> None:
         while True:  # only this thread puts, so at most one retry

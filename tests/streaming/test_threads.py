@@ -467,3 +467,16 @@ def test_a_consumer_that_stops_reading_a_bounded_queue_never_blocks_stop():
     assert stop_real_time_generate(model)
     worker.join(timeout=3)
     assert not worker.is_alive() and time.monotonic() - started < 2.5 and not _our_threads()
+
+
+def test_closing_chunks_share_one_deadline_when_nobody_reads():
+    """A full queue nobody reads gives the worker's closing chunks one second in all, not one second each."""
+    model, processor = _setup("video-preview-tiny")
+    unread = queue.Queue(maxsize=1)
+    unread.put("never read")
+    threaded = ThreadedSession(model, processor, output=unread)
+    threaded.protocol.end = lambda: iter(["a", "b", "c"])  # three closing chunks and no room for any
+    threaded.start()
+    started = time.monotonic()
+    assert threaded.close(timeout=5)
+    assert time.monotonic() - started < 2.0 and not _our_threads()
