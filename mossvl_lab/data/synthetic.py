@@ -92,17 +92,22 @@ class Clip:
     def speech(self) -> dict[int, str]:
         """What the model should say after each frame (absent = silence): event captions, then the answers to
         the questions (in the order asked) whose evidence appears or changes at that frame."""
-        said: dict[int, list[str]] = {}
+        return {frame: ", ".join(captions + replies) for frame, (captions, replies) in self.speech_parts().items()}
+
+    def speech_parts(self) -> dict[int, tuple[list[str], list[str]]]:
+        """speech() before joining: frame -> (event captions, replies to mid-stream questions), for frames with
+        anything to say."""
+        parts: dict[int, tuple[list[str], list[str]]] = {}
         for event in self.events:
-            said.setdefault(event.frame, []).append(event.caption)
+            parts.setdefault(event.frame, ([], []))[0].append(event.caption)
         for question in self.questions:
             for frame, answer in question_answers(self, question):
-                said.setdefault(frame, []).append(answer)
-        return {frame: ", ".join(parts) for frame, parts in said.items()}
+                parts.setdefault(frame, ([], []))[1].append(answer)
+        return dict(sorted(parts.items()))
 
     def reply_frames(self) -> set[int]:
         """The frames whose target speech carries a reply to a mid-stream question."""
-        return {frame for question in self.questions for frame, _ in question_answers(self, question)}
+        return {frame for frame, (_, replies) in self.speech_parts().items() if replies}
 
 
 def _draw(frame: np.ndarray, shape: Shape) -> None:

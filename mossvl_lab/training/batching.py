@@ -28,8 +28,8 @@ MOSS_KEYS = ("pixel_values", "grid_thw")
 
 def collate(samples: Sequence[TrainingSample], family: str, pad_id: int) -> dict[str, Any]:
     """Model inputs for a batch: input_ids [batch, pos] (right-padded with `pad_id`), attention_mask [batch, pos],
-    labels [batch, pos] (IGNORE on padding), decisions [batch, pos] bool (False where a sample marks none),
-    frame_timestamps (one per frame column), and the vision tensors."""
+    labels [batch, pos] (IGNORE on padding), decisions and replies [batch, pos] bool (False where a sample marks
+    none), frame_timestamps (one per frame column), and the vision tensors."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     length = max(int(s.input_ids.numel()) for s in samples)
@@ -37,13 +37,16 @@ def collate(samples: Sequence[TrainingSample], family: str, pad_id: int) -> dict
     labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
     decisions = torch.zeros(len(samples), length, dtype=torch.bool)
+    replies = torch.zeros(len(samples), length, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = int(s.input_ids.numel())
         input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s.input_ids, s.labels, 1
         if s.decisions is not None:
             decisions[b, :n] = s.decisions
+        if s.replies is not None:
+            replies[b, :n] = s.replies
     batch: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                 decisions=decisions)
+                                 decisions=decisions, replies=replies)
     if family_style(family) == "chatml":
         batch.update(_moss_vision(samples))
     else:
@@ -104,10 +107,12 @@ def go_on_decisions(decisions: torch.Tensor, labels: torch.Tensor, silence_id: i
 
 def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, silence_id: int | None,
                      silence_weight: float = 1.0, decisions: torch.Tensor | None = None,
-                     decision_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted cross-entropy in fp32 with targets equal to `silence_id` weighted by `silence_weight` and targets
-    marked in `decisions` (whether to speak, whether to go on; [batch, pos] bool) by `decision_weight` (the two
-    multiply where both apply).
+                     decision_weight: float = 1.0, replies: torch.Tensor | None = None,
+                     reply_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted cross-entropy in fp32 with targets equal to `silence_id` weighted by `silence_weight`, targets
+    marked in `decisions` (whether to speak, whether to go on; [batch, pos] bool) by `decision_weight` and targets
+    marked in `replies` (a reply to a mid-stream question; [batch, pos] bool) by `reply_weight` (the weights
+    multiply where several apply).
 
     logits [batch, pos, vocab]; labels [batch, pos] (IGNORE = no loss). Returns (loss_sum, n_tokens): the
     weighted sum over targets and the number of non-ignored targets; the caller divides (spec §5.6: sum over
@@ -121,4 +126,6 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, silence_id: int
         weight = torch.where(targets == silence_id, weight * silence_weight, weight)
     if decisions is not None and decision_weight != 1.0:
         weight = torch.where(decisions[:, 1:], weight * decision_weight, weight)
+    if replies is not None and reply_weight != 1.0:
+        weight = torch.where(replies[:, 1:], weight * reply_weight, weight)
     return (ce.double() * weight).sum(), valid.sum()  # summed in fp64: equal across batch splits

@@ -103,11 +103,10 @@ def _kinds(train: dict) -> str:
 
 
 def _decisions(train: dict) -> str:
-    weight = train.get("decision_weight", 1.0)
-    if weight == 1.0:
-        return ""
+    weight, replies = train.get("decision_weight", 1.0), train.get("reply_weight", 1.0)
     kinds = "to go on after speech" if train.get("decision_kinds") == "go_on" else "to speak and to go on"
-    return f", decisions {kinds} weighted {weight:g}"
+    return (f", decisions {kinds} weighted {weight:g}" if weight != 1.0 else "") + \
+        (f", replies to mid-stream questions weighted {replies:g}" if replies != 1.0 else "")
 
 
 def _questions(train: dict) -> str:

@@ -33,6 +33,7 @@ class TrainingSample:
     input_ids: torch.Tensor                 # [pos]
     labels: torch.Tensor                    # [pos]; IGNORE where no loss
     decisions: torch.Tensor | None = None   # [pos] bool: targets that decide whether to speak (None: none marked)
+    replies: torch.Tensor | None = None     # [pos] bool: targets of replies to mid-stream questions (None: none)
     vision: dict[str, Any] = field(default_factory=dict)  # the processor's vision tensors for this sample alone
     frame_timestamps: list[float] = field(default_factory=list)
 
@@ -43,14 +44,30 @@ class _Builder:
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.decisions: list[bool] = []
+        self.replies: list[bool] = []
 
     def text(self, text: str, target: bool = False) -> None:
         self.tokens(self.tok.encode(text, add_special_tokens=False), target)
 
-    def tokens(self, ids: list[int], target: bool = False, decisions: list[bool] | None = None) -> None:
+    def tokens(self, ids: list[int], target: bool = False, decisions: list[bool] | None = None,
+               replies: list[bool] | None = None) -> None:
         self.ids += ids
         self.labels += ids if target else [IGNORE] * len(ids)
         self.decisions += decisions if decisions is not None else [False] * len(ids)
+        self.replies += replies if replies is not None else [False] * len(ids)
+
+    def speech(self, captions: list[str], replies: list[str], response: int | None, comma: int | None) -> None:
+        """One frame's speech "caption, caption, reply" as targets. `decisions` mark speaking at all (the first
+        token) and going on after each part; `replies` mark the reply parts from their leading ", " on."""
+        said = self.tok.encode(", ".join(captions + replies), add_special_tokens=False)
+        spoken_captions = self.tok.encode(", ".join(captions), add_special_tokens=False) if captions else []
+        if said[:len(spoken_captions)] != spoken_captions:
+            raise ValueError(f"the tokenizer merges across the caption/reply boundary of {captions + replies}; "
+                             f"retrain it on synthetic.phrase_corpus() lines")
+        words = ([response] if response is not None else []) + said
+        first_reply = len(words) - len(said) + len(spoken_captions) if replies else len(words)
+        self.tokens(words, target=True, decisions=[i == 0 or w == comma for i, w in enumerate(words)],
+                    replies=[i >= first_reply for i in range(len(words))])
 
 
 def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt: str | None = None,
@@ -70,7 +87,7 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
     build.text(processor.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": initial_prompt}]))
     build.tokens([silence], target=True, decisions=[True])
-    speech = clip.speech()
+    speech = clip.speech_parts()
     asked: dict[int, list[str]] = {}
     for question in clip.questions:
         asked.setdefault(question.asked_at, []).append(question.text)
@@ -83,16 +100,13 @@ def realtime_sample(clip: Clip, processor: Any, model_cfg: Any, *, system_prompt
             build.text(frame.replace(IMAGE, "<|image_pad|>"))
         else:
             build.tokens([tokens.image_token_id])
-        said = speech.get(k)
-        if said is not None:
-            words = ([response] if response is not None else []) + build.tok.encode(said)
-            # decisions: speaking at all (the first token), and going on after each part ("caption, answer")
-            build.tokens(words, target=True, decisions=[i == 0 or w == comma for i, w in enumerate(words)])
+        if k in speech:
+            build.speech(*speech[k], response=response, comma=comma)
         build.tokens([silence], target=True, decisions=[True])  # the first token after a frame, or after speech
     vision = processor(IMAGE * len(clip.timestamps), images=list(clip.frames))
     keep = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "grid_thw")
     return TrainingSample(input_ids=torch.tensor(build.ids), labels=torch.tensor(build.labels),
-                          decisions=torch.tensor(build.decisions),
+                          decisions=torch.tensor(build.decisions), replies=torch.tensor(build.replies),
                           vision={k: v for k, v in vision.items() if k in keep},
                           frame_timestamps=list(clip.timestamps))
 

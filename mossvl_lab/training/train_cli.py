@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--silence-weight", type=float, default=d.silence_weight)
     p.add_argument("--decision-weight", type=float, default=d.decision_weight,
                    help="loss weight of the decisions to speak (after each frame) and to go on (after each part)")
+    p.add_argument("--reply-weight", type=float, default=d.reply_weight,
+                   help="loss weight of the replies to mid-stream questions, their leading ', ' included")
     p.add_argument("--decision-kinds", choices=("all", "go_on"), default=d.decision_kinds,
                    help="the decisions --decision-weight weighs: all, or only those to go on after a spoken part")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -121,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                        silence_weight=args.silence_weight, decision_weight=args.decision_weight,
-                       decision_kinds=args.decision_kinds,
+                       decision_kinds=args.decision_kinds, reply_weight=args.reply_weight,
                        eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),

@@ -48,6 +48,9 @@ class TrainConfig:
     silence_weight: float = 1.0              # loss weight of <|silence|> targets (spec video-preview §5.6)
     decision_weight: float = 1.0             # loss weight of the targets that decide to speak or to go on
     decision_kinds: str = "all"              # which decisions decision_weight weighs: all | go_on (after speech)
+    # loss weight of the reply parts ("[, ]the square is red"): a reply after a caption is due for one shape in
+    # three, so without it the ", " that starts a revision loses to <|silence|> (issue 7, session 7)
+    reply_weight: float = 1.0
     eval_every: int = 0                      # steps between evaluations; 0 = only at the end
     eval_clips: int = 20                     # held-out clips per evaluation; 0 = no evaluation
     seed: int = 0
@@ -73,6 +76,7 @@ class TrainConfig:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "warmup_steps": 0 <= self.warmup_steps, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
                   "silence_weight": self.silence_weight >= 0, "decision_weight": self.decision_weight >= 0,
+                  "reply_weight": self.reply_weight >= 0,
                   "decision_kinds": self.decision_kinds in ("all", "go_on"),
                   "eval_every": self.eval_every >= 0,
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
@@ -227,12 +231,13 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
     tokens = model.config.tokens
     batch = collate(samples, model.config.family, tokens.pad_token_id)
     labels, decisions = batch.pop("labels").to(device), batch.pop("decisions").to(device)
+    replies = batch.pop("replies").to(device)
     if cfg.decision_kinds == "go_on":
         decisions = go_on_decisions(decisions, labels, tokens.silence_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     logits = runner(**batch).logits
     loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight,
-                                           decisions, cfg.decision_weight)
+                                           decisions, cfg.decision_weight, replies, cfg.reply_weight)
     total = distributed.all_reduce_sum(n_targets).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     (loss_sum * info.world_size / total).backward()

@@ -93,3 +93,28 @@ def test_decisions_mark_speaking_and_going_on():
     assert marked.count(silence) == len(clip.frames) + 1
     assert len(marked) == len(clip.frames) + 1 + len(speech) + parts
     assert marked.count(tok.encode(",", add_special_tokens=False)[0]) == parts
+
+
+@pytest.mark.parametrize("preset", ["video-preview-tiny", "moss-vl-tiny"])
+def test_reply_marks_cover_exactly_the_replies(preset):
+    """Decoding the marked targets frame by frame gives each frame's replies, with ", " when a caption precedes,
+    rebuilt from the questions' answers rather than from the sample."""
+    from mossvl_lab.data.synthetic import question_answers
+    cfg = ml.config.preset(preset)
+    processor = ml.processor_for_model(cfg)
+    size = 56 if preset == "video-preview-tiny" else 64
+    clips = (make_clip(s, size=size, min_seconds=10, max_seconds=14, event_rate=0.5) for s in range(60))
+    clip = next(c for c in clips if {f for f, _ in question_answers(c)} & {e.frame for e in c.events}
+                and len(question_answers(c)) >= 2)
+    sample = realtime_sample(clip, processor, cfg)
+    tok = processor.tokenizer
+    assert not sample.replies[sample.labels == IGNORE].any()  # only targets carry reply marks
+    runs, current = [], []  # contiguous marked spans, in stream order
+    for marked, token in zip(sample.replies.tolist(), sample.input_ids.tolist()):
+        if marked:
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current)), current.clear()
+    captioned = {e.frame for e in clip.events}
+    expected = [(", " if frame in captioned else "") + answer for frame, answer in question_answers(clip)]
+    assert runs == expected

@@ -62,15 +62,18 @@ def test_padded_batch_gives_each_sample_its_own_loss(preset):
         assert (batch["aspect_ratio_ids"][short, min(frames):] == 0).all()
         assert (batch["pixel_values"][short, min(frames):] == 0).all()
 
-    labels, decisions = batch.pop("labels"), batch.pop("decisions")
+    labels, decisions, replies = batch.pop("labels"), batch.pop("decisions"), batch.pop("replies")
     silence = cfg.tokens.silence_token_id
     with torch.no_grad():
         together = model(**batch).logits
         for b, sample in enumerate(samples):
             alone = collate([sample], cfg.family, cfg.tokens.pad_token_id)
             alone_labels, alone_decisions = alone.pop("labels"), alone.pop("decisions")
-            want, n_want = weighted_lm_loss(model(**alone).logits, alone_labels, silence, 0.3, alone_decisions, 2.0)
-            got, n_got = weighted_lm_loss(together[b:b + 1], labels[b:b + 1], silence, 0.3, decisions[b:b + 1], 2.0)
+            alone_replies = alone.pop("replies")
+            want, n_want = weighted_lm_loss(model(**alone).logits, alone_labels, silence, 0.3, alone_decisions, 2.0,
+                                            alone_replies, 3.0)
+            got, n_got = weighted_lm_loss(together[b:b + 1], labels[b:b + 1], silence, 0.3, decisions[b:b + 1], 2.0,
+                                          replies[b:b + 1], 3.0)
             assert n_got == n_want > 0
             assert float(got) == pytest.approx(float(want), rel=1e-5)
 
@@ -92,6 +95,9 @@ def test_weighted_loss_by_hand():
     decisions = torch.tensor([[False, True, False, True]])  # the silence target and the ignored one are decisions
     weighted, n = weighted_lm_loss(logits, labels, silence, 0.5, decisions, 3.0)
     assert int(n) == 2 and float(weighted) == pytest.approx(3.0 * 0.5 * math.log(3) + math.log(2), abs=1e-6)
+    replies = torch.tensor([[False, True, True, False]])  # both targets are replies; the silence one also decides
+    weighted, n = weighted_lm_loss(logits, labels, silence, 0.5, decisions, 3.0, replies, 4.0)
+    assert float(weighted) == pytest.approx(4.0 * 3.0 * 0.5 * math.log(3) + 4.0 * math.log(2), abs=1e-6)
 
 
 def test_go_on_decisions_are_the_ones_after_speech():
@@ -157,7 +163,7 @@ def test_overfit_one_clip_and_reload(tmp_path):
     sample = make_sample(0, tcfg, loaded_processor, loaded.config, 56)
     assert torch.equal(sample.input_ids, make_sample(0, tcfg, processor, cfg, 56).input_ids)
     inputs = collate([sample], cfg.family, cfg.tokens.pad_token_id)
-    inputs.pop("labels"), inputs.pop("decisions")
+    inputs.pop("labels"), inputs.pop("decisions"), inputs.pop("replies")
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
