@@ -111,7 +111,9 @@ def _decisions(train: dict) -> str:
 
 def _questions(train: dict) -> str:
     extra = train.get("extra_questions", 0)
-    return f", {1 + extra} mid-stream questions per training clip (evaluation clips ask one)" if extra else ""
+    pairs = (", each clip streamed twice in a row, the second time asking about another shape"
+             if train.get("question_pairs") else "")
+    return (f", {1 + extra} mid-stream questions per training clip (evaluation clips ask one)" if extra else "") + pairs
 
 
 def _turns(train: dict) -> str:

@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="odds of an event kind in training clips relative to the others (default 1), e.g. move=3")
     p.add_argument("--extra-questions", type=int, default=d.extra_questions,
                    help="mid-stream questions per training clip beyond the one evaluation clips ask (0-2)")
+    p.add_argument("--question-pairs", action="store_true",
+                   help="stream each training clip twice, the second time asking about another shape")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
                    help="questions per offline QA sample (one kind per sample)")
@@ -127,7 +129,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        eval_every=args.eval_every, eval_clips=args.eval_clips,
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),
-                       extra_questions=args.extra_questions, frame_size=args.frame_size,
+                       extra_questions=args.extra_questions, question_pairs=args.question_pairs,
+                       frame_size=args.frame_size,
                        offline_qa_fraction=args.offline_qa_fraction, offline_qa_turns=args.offline_qa_turns,
                        out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),

@@ -62,6 +62,9 @@ class TrainConfig:
     # relative odds of event kinds in TRAINING clips, e.g. (("move", 3.0),); () = uniform, as in evaluation
     event_kind_weights: tuple[tuple[str, float], ...] = ()
     extra_questions: int = 0                 # more mid-stream questions per TRAINING clip (evaluation asks one)
+    # each training clip twice in a row, the second time asking about another shape at the same frame: the two
+    # streams differ only where the answer depends on which shape was asked, so their losses teach that link
+    question_pairs: bool = False
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
     # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an
@@ -86,7 +89,8 @@ class TrainConfig:
                   "event_rate": 0 <= self.event_rate <= 1,
                   "event_kind_weights": all(k in EVENT_KINDS and w >= 0 for k, w in self.event_kind_weights),
                   "extra_questions": 0 <= self.extra_questions < len(SHAPES),
-                  "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
+                  "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds),
+                  "question_pairs": not (self.question_pairs and self.extra_questions)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"TrainConfig: invalid {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
@@ -119,11 +123,17 @@ def clip_seed(index: int, cfg: TrainConfig) -> int:
 
 def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, frame_size: int) -> TrainingSample:
     """Global sample `index` of the run: a realtime stream, or (MOSS-VL, with probability offline_qa_fraction)
-    offline timestamp questions about the clip (up to offline_qa_turns, of the kind of the first)."""
-    clip = make_clip(clip_seed(index, cfg), size=frame_size, min_seconds=cfg.clip_seconds[0],
-                     max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate,
+    offline timestamp questions about the clip (up to offline_qa_turns, of the kind of the first). With
+    question_pairs an odd index is the realtime stream of the clip before it, its question about another shape."""
+    paired = cfg.question_pairs and index % 2 == 1
+    clip = make_clip(clip_seed(index - 1 if paired else index, cfg), size=frame_size,
+                     min_seconds=cfg.clip_seconds[0], max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate,
                      kind_weights=dict(cfg.event_kind_weights) or None, extra_questions=cfg.extra_questions)
     rng = np.random.default_rng([cfg.seed, index])
+    if paired and clip.question is not None:
+        other = str(rng.choice([shape for shape in SHAPES if shape != clip.question.shape]))
+        return realtime_sample(dataclasses.replace(clip, question=dataclasses.replace(clip.question, shape=other)),
+                               processor, model_cfg)
     if cfg.offline_qa_fraction and clip.qa and family_style(model_cfg.family) == "chatml" \
             and rng.random() < cfg.offline_qa_fraction:
         pair = clip.qa[int(rng.integers(len(clip.qa)))]

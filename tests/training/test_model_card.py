@@ -28,6 +28,8 @@ def test_card_names_training_only_choices(tmp_path):
     assert "decisions to speak and to go on weighted 2" in card(tmp_path, decision_weight=2.0)
     assert "replies to mid-stream questions" not in plain
     assert "replies to mid-stream questions weighted 3" in card(tmp_path, reply_weight=3.0)
+    assert "streamed twice" not in plain and "the second time asking about another shape" in card(
+        tmp_path, question_pairs=True)
 
 
 def test_card_splits_caption_exact_match_by_reply_targets(tmp_path):

@@ -214,3 +214,24 @@ def test_offline_samples_ask_several_questions_of_one_kind():
         TrainConfig(offline_qa_turns=0)
     with pytest.raises(ValueError, match="event_kind_weights"):
         TrainConfig(event_kind_weights=(("teleport", 1.0),))
+
+
+def test_question_pairs_stream_each_clip_twice_with_another_question():
+    """Odd samples are the clip of the even one before them, rebuilt here with the other question."""
+    from dataclasses import replace
+    cfg = ml.config.preset("video-preview-tiny")
+    processor = ml.processor_for_model(cfg)
+    tcfg = TrainConfig(question_pairs=True, clip_seconds=(6, 8))
+    for first in (0, 6):
+        even, odd = (make_sample(first + k, tcfg, processor, cfg, 56) for k in (0, 1))
+        clip = make_clip(clip_seed(first, tcfg), size=56, min_seconds=6, max_seconds=8, event_rate=tcfg.event_rate)
+        assert torch.equal(even.input_ids, realtime_sample(clip, processor, cfg).input_ids)
+        assert torch.equal(even.vision["pixel_values"], odd.vision["pixel_values"])
+        asked = [s for s in ("square", "circle", "triangle")
+                 if f"is the {s}?" in processor.tokenizer.decode(odd.input_ids.tolist())]
+        assert len(asked) == 1 and asked[0] != clip.question.shape
+        swapped = replace(clip, question=replace(clip.question, shape=asked[0]))
+        assert torch.equal(odd.input_ids, realtime_sample(swapped, processor, cfg).input_ids)
+        assert torch.equal(odd.labels, realtime_sample(swapped, processor, cfg).labels)
+    with pytest.raises(ValueError, match="question_pairs"):
+        TrainConfig(question_pairs=True, extra_questions=1)
