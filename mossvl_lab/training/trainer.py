@@ -48,8 +48,8 @@ class TrainConfig:
     silence_weight: float = 1.0              # loss weight of <|silence|> targets (spec video-preview §5.6)
     decision_weight: float = 1.0             # loss weight of the targets that decide to speak or to go on
     decision_kinds: str = "all"              # which decisions decision_weight weighs: all | go_on (after speech)
-    # loss weight of the reply parts ("[, ]the square is red"): a reply after a caption is due for one shape in
-    # three, so without it the ", " that starts a revision loses to <|silence|> (issue 7, session 7)
+    # loss weight of the reply parts ("[, ]the square is red"). Above 1 it makes replies likelier after every
+    # caption, trading missed revisions for false ones; it does not teach which shape was asked (issue 7, s7)
     reply_weight: float = 1.0
     eval_every: int = 0                      # steps between evaluations; 0 = only at the end
     eval_clips: int = 20                     # held-out clips per evaluation; 0 = no evaluation
@@ -89,11 +89,13 @@ class TrainConfig:
                   "event_rate": 0 <= self.event_rate <= 1,
                   "event_kind_weights": all(k in EVENT_KINDS and w >= 0 for k, w in self.event_kind_weights),
                   "extra_questions": 0 <= self.extra_questions < len(SHAPES),
-                  "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds),
-                  "question_pairs": not (self.question_pairs and self.extra_questions)}
+                  "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"TrainConfig: invalid {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        if self.question_pairs and self.extra_questions:
+            raise ValueError("TrainConfig: question_pairs swaps a clip's one question for another shape; "
+                             "use it with extra_questions=0")
 
 
 @dataclass
