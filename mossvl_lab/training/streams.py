@@ -64,8 +64,9 @@ class _Builder:
         if said[:len(spoken_captions)] != spoken_captions:
             raise ValueError(f"the tokenizer merges across the caption/reply boundary of {captions + replies}; "
                              f"retrain it on synthetic.phrase_corpus() lines")
-        words = ([response] if response is not None else []) + said
-        first_reply = len(words) - len(said) + len(spoken_captions) if replies else len(words)
+        opener = [response] if response is not None else []
+        words = opener + said
+        first_reply = len(opener) + len(spoken_captions) if replies else len(words)
         self.tokens(words, target=True, decisions=[i == 0 or w == comma for i, w in enumerate(words)],
                     replies=[i >= first_reply for i in range(len(words))])
 
