@@ -43,11 +43,14 @@ def _report(trace, out: str, title: str, started: float) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from mossvl_lab.data.synthetic import EVAL_SEEDS, make_clip
     from mossvl_lab.demo import trace_synthetic
+    from mossvl_lab.training.evaluate import trained_eval_settings
 
     started = time.perf_counter()
     model, processor, where = _load(args.checkpoint, args.preset)
     size = getattr(model.config.vision, "image_size", 64)
-    clip = make_clip(args.seed if args.seed is not None else EVAL_SEEDS[0], size=size, max_seconds=args.max_seconds)
+    style = trained_eval_settings(where).get("question_style", "plain")  # ask as the model was trained
+    clip = make_clip(args.seed if args.seed is not None else EVAL_SEEDS[0], size=size, max_seconds=args.max_seconds,
+                     question_style=style)
     print(f"model: {where}; held-out clip seed {clip.seed}: {len(clip.timestamps)} s, "
           f"question at {clip.question.asked_at} s: {clip.question.text!r}")
     print("expected speech: " + "; ".join(f"{k}s {text}" for k, text in sorted(clip.speech().items())))

@@ -20,6 +20,12 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
 BACKGROUND = (96, 96, 96)
 GRID = 2  # shapes sit in the cells of a GRID x GRID layout; 2 aligns cells with both tiny towers' token grids
 EVAL_SEEDS = range(1_000_000, 1_000_200)  # held out: training draws from seeds below 1_000_000
+# How a mid-stream question and its replies name the shape. "plain": "what color is the square?" / "the square is
+# red". "named" (task v3 option): a capitalised name, "what color is the Square?" / "the Square is red", a
+# spelling captions never use, so a model can tell a shape mentioned in a question or reply from one mentioned in
+# a caption by one token. Deciding whether a caption needs a revision is exactly that test; with "plain" it needs
+# a second hop (the word before the shape). Metrics ignore case, so targets score alike under both styles.
+QUESTION_STYLES = ("plain", "named")
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,16 @@ class Question:
 
     asked_at: int
     shape: str
+    style: str = "plain"  # one of QUESTION_STYLES
+
+    @property
+    def subject(self) -> str:
+        """The shape as the question and its replies spell it."""
+        return self.shape.capitalize() if self.style == "named" else self.shape
 
     @property
     def text(self) -> str:
-        return f"what color is the {self.shape}?"
+        return f"what color is the {self.subject}?"
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,8 @@ def render(scene: list[Shape], size: int) -> np.ndarray:
 
 def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: int = 40,
               event_rate: float = 0.25, with_question: bool = True,
-              kind_weights: Mapping[str, float] | None = None, extra_questions: int = 0) -> Clip:
+              kind_weights: Mapping[str, float] | None = None, extra_questions: int = 0,
+              question_style: str = "plain") -> Clip:
     """One clip: at most one shape of each kind on screen; each second an event happens with
     probability `event_rate` (never in the first frame, which only sets the scene).
 
@@ -144,7 +157,10 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
     them uniformly, as the evaluation clips do. Training can oversample kinds a model learns last (moves).
     extra_questions: up to len(SHAPES) - 1 more questions (training only: evaluation clips ask one), each about a
     shape no other question asks about, at a frame no other question is asked at; they give a model more
-    question -> answer pairs per clip than the ~1 in 5 spoken frames a single question yields."""
+    question -> answer pairs per clip than the ~1 in 5 spoken frames a single question yields.
+    question_style: how questions and replies spell the shape (QUESTION_STYLES); the scene is the same."""
+    if question_style not in QUESTION_STYLES:
+        raise ValueError(f"question_style must be one of {QUESTION_STYLES}, got {question_style!r}")
     if not 0 <= extra_questions < len(SHAPES):
         raise ValueError(f"extra_questions must be in 0..{len(SHAPES) - 1}, got {extra_questions}")
     if kind_weights is not None:
@@ -163,7 +179,8 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
         frames.append(render(scene, size))
     question = None
     if with_question:
-        question = Question(asked_at=int(rng.integers(0, max(1, length // 2))), shape=str(rng.choice(SHAPES)))
+        question = Question(asked_at=int(rng.integers(0, max(1, length // 2))), shape=str(rng.choice(SHAPES)),
+                            style=question_style)
     clip = Clip(seed=seed, frames=np.stack(frames), timestamps=tuple(float(t) for t in range(length)),
                 events=tuple(events), question=question)
     qa = offline_qa(clip, rng)
@@ -180,7 +197,7 @@ def _extra_questions(first: Question, length: int, count: int, rng: np.random.Ge
         return ()
     shapes = rng.permutation([s for s in SHAPES if s != first.shape])[:count]
     asked = rng.choice(frames, size=count, replace=False)
-    return tuple(Question(asked_at=int(t), shape=str(shape)) for t, shape in zip(asked, shapes))
+    return tuple(Question(asked_at=int(t), shape=str(shape), style=first.style) for t, shape in zip(asked, shapes))
 
 
 def _random_event(rng: np.random.Generator, scene: list[Shape], t: int,
@@ -236,9 +253,9 @@ def question_answers(clip: Clip, question: Question | None = None) -> list[tuple
         for event in changes:
             color = {"appear": event.color, "recolor": event.new_color, "leave": None}[event.kind]
         if t == q.asked_at:
-            answers.append((t, f"the {q.shape} is {color or 'not here'}"))
+            answers.append((t, f"the {q.subject} is {color or 'not here'}"))
         elif t > q.asked_at and changes:
-            answers.append((t, f"the {q.shape} is {color or 'gone'}"))
+            answers.append((t, f"the {q.subject} is {color or 'gone'}"))
     return answers
 
 
@@ -261,11 +278,12 @@ def phrase_corpus() -> str:
     so a tiny model spends its steps on watching rather than on spelling."""
     lines = []
     for shape in SHAPES:
-        lines += [f"what color is the {shape}?", f"the {shape} is gone"]
+        subjects = (shape, shape.capitalize())  # QUESTION_STYLES: plain, named
+        lines += [f"what color is the {s}?" for s in subjects] + [f"the {s} is gone" for s in subjects]
         for color in COLORS:
             other = next(c for c in COLORS if c != color)
             lines += [f"a {color} {shape} appears", f"the {color} {shape} leaves", f"the {color} {shape} moves",
-                      f"the {color} {shape} turns {other}", f"the {shape} is {color}",
+                      f"the {color} {shape} turns {other}", *(f"the {s} is {color}" for s in subjects),
                       f"when did the {color} {shape} appear?", f"when did the {color} {shape} leave?"]
     # no digits here: merging some numbers (" 12") but not others would make the same time two spellings
     lines += ["what happened at these seconds?", "at those seconds"] * 3

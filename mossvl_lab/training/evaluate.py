@@ -101,11 +101,12 @@ def cache_policy_from_spec(spec: Mapping[str, Any] | list | None, model: Any = N
 
 
 def trained_eval_settings(checkpoint: str | Path) -> dict[str, Any]:
-    """evaluate() keywords that score a checkpoint as it was trained: the clip lengths, frame size and per-turn
-    token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
+    """evaluate() keywords that score a checkpoint as it was trained: the clip lengths, frame size, question
+    style and per-turn token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
     log = Path(checkpoint) / "train_log.json"
     trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
-    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn") if trained.get(k) is not None}
+    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn", "question_style")
+                if trained.get(k) is not None}
     if trained.get("clip_seconds"):
         settings["clip_seconds"] = tuple(trained["clip_seconds"])
     return settings
@@ -116,9 +117,10 @@ def default_frame_size(processor: Any) -> int:
     return int(processor.config.image_size) if family_style(processor.family) == "llama3" else 64
 
 
-def eval_clips(seeds: Iterable[int], frame_size: int, clip_seconds: tuple[int, int] = (8, 20)) -> list[Clip]:
-    return [make_clip(int(s), size=frame_size, min_seconds=clip_seconds[0], max_seconds=clip_seconds[1])
-            for s in seeds]
+def eval_clips(seeds: Iterable[int], frame_size: int, clip_seconds: tuple[int, int] = (8, 20),
+               question_style: str = "plain") -> list[Clip]:
+    return [make_clip(int(s), size=frame_size, min_seconds=clip_seconds[0], max_seconds=clip_seconds[1],
+                      question_style=question_style) for s in seeds]
 
 
 def stream_clip(model: Any, processor: Any, clip: Clip, *, max_tokens_per_turn: int = 64,
@@ -180,12 +182,13 @@ def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max
 def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, frame_size: int | None = None,
              clip_seconds: tuple[int, int] = (8, 20), qa: bool | None = None, qa_per_clip: int = 2,
              max_tokens_per_turn: int = 64, max_clips: int | None = None, progress: bool = False,
-             cache_policy: Any = None) -> Metrics:
+             cache_policy: Any = None, question_style: str = "plain") -> Metrics:
     """Stream held-out clips (default: the first DEFAULT_EVAL_CLIPS of EVAL_SEEDS) and score them.
 
     qa: also answer up to `qa_per_clip` offline timestamp questions per clip (default: when the family's frames
     carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. cache_policy: the sessions'
-    cache policies (one or a list; offline QA reads the whole clip regardless). The model is put in eval mode
+    cache policies (one or a list; offline QA reads the whole clip regardless). question_style: how the questions
+    spell the shape (synthetic.QUESTION_STYLES: the style the model was trained on). The model is put in eval mode
     for the run and restored after."""
     seeds = list(EVAL_SEEDS[:DEFAULT_EVAL_CLIPS] if seeds is None else seeds)
     if max_clips is not None:
@@ -196,7 +199,7 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
     model.eval()
     total = Metrics()
     try:
-        clips = eval_clips(seeds, frame_size, clip_seconds)
+        clips = eval_clips(seeds, frame_size, clip_seconds, question_style)
         if progress:
             from tqdm.auto import tqdm
             clips = tqdm(clips, desc="eval", leave=False)

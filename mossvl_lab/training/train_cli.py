@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..processing.templates import family_style
+from ..data.synthetic import QUESTION_STYLES
 from . import distributed
 from .trainer import TrainConfig, TrainResult, open_gates, train
 
@@ -109,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mid-stream questions per training clip beyond the one evaluation clips ask (0-2)")
     p.add_argument("--question-pairs", action="store_true",
                    help="stream each training clip twice, the second time asking about another shape")
+    p.add_argument("--question-style", choices=QUESTION_STYLES, default=d.question_style,
+                   help="how mid-stream questions and replies spell the shape: plain ('the square') or named "
+                        "('the Square', a spelling captions never use)")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
                    help="questions per offline QA sample (one kind per sample)")
@@ -130,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, grad_clip=args.grad_clip or None, clip_seconds=tuple(args.clip_seconds),
                        event_rate=args.event_rate, event_kind_weights=_kind_weights(args.event_weight),
                        extra_questions=args.extra_questions, question_pairs=args.question_pairs,
+                       question_style=args.question_style,
                        frame_size=args.frame_size,
                        offline_qa_fraction=args.offline_qa_fraction, offline_qa_turns=args.offline_qa_turns,
                        out_dir=args.out, log_every=args.log_every,

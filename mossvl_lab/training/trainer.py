@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, SHAPES, make_clip
+from ..data.synthetic import EVAL_SEEDS, EVENT_KINDS, QUESTION_STYLES, SHAPES, make_clip
 from ..processing.templates import family_style
 from . import distributed
 from .batching import collate, go_on_decisions, weighted_lm_loss
@@ -65,6 +65,7 @@ class TrainConfig:
     # each training clip twice in a row, the second time asking about another shape at the same frame: the two
     # streams differ only where the answer depends on which shape was asked, so their losses teach that link
     question_pairs: bool = False
+    question_style: str = "plain"            # synthetic.QUESTION_STYLES; evaluation asks in the trained style
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
     # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an
@@ -89,6 +90,7 @@ class TrainConfig:
                   "event_rate": 0 <= self.event_rate <= 1,
                   "event_kind_weights": all(k in EVENT_KINDS and w >= 0 for k, w in self.event_kind_weights),
                   "extra_questions": 0 <= self.extra_questions < len(SHAPES),
+                  "question_style": self.question_style in QUESTION_STYLES,
                   "train_seeds": all(0 <= s < TRAIN_SEED_LIMIT for s in self.train_seeds)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -130,7 +132,8 @@ def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, fr
     paired = cfg.question_pairs and index % 2 == 1
     clip = make_clip(clip_seed(index - 1 if paired else index, cfg), size=frame_size,
                      min_seconds=cfg.clip_seconds[0], max_seconds=cfg.clip_seconds[1], event_rate=cfg.event_rate,
-                     kind_weights=dict(cfg.event_kind_weights) or None, extra_questions=cfg.extra_questions)
+                     kind_weights=dict(cfg.event_kind_weights) or None, extra_questions=cfg.extra_questions,
+                     question_style=cfg.question_style)
     rng = np.random.default_rng([cfg.seed, index])
     if paired and clip.question is not None:
         other = str(rng.choice([shape for shape in SHAPES if shape != clip.question.shape]))
@@ -218,7 +221,8 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
             if cfg.eval_clips and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 if info.is_main:
                     final = evaluate(model, processor, EVAL_SEEDS[:cfg.eval_clips], frame_size=frame_size,
-                                     clip_seconds=cfg.clip_seconds, max_tokens_per_turn=cfg.max_tokens_per_turn)
+                                     clip_seconds=cfg.clip_seconds, max_tokens_per_turn=cfg.max_tokens_per_turn,
+                                     question_style=cfg.question_style)
                     evals.append({"step": step + 1, **final.to_dict()})
                     if bar is not None:
                         bar.write(f"step {step + 1} eval: {final.summary()}")

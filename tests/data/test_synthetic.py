@@ -116,3 +116,26 @@ def test_extra_questions_are_training_only_additions():
             assert set(text.split(", ")) <= set(speech[frame].split(", "))
     with pytest.raises(ValueError, match="extra_questions"):
         make_clip(1, extra_questions=3)
+
+
+def test_named_question_style_changes_only_how_questions_and_replies_spell_the_shape():
+    from mossvl_lab.training.metrics import normalize_text
+
+    for seed in range(40):
+        plain = make_clip(seed, extra_questions=2)
+        named = make_clip(seed, extra_questions=2, question_style="named")
+        assert np.array_equal(plain.frames, named.frames) and plain.events == named.events and plain.qa == named.qa
+        for p, n in zip(plain.questions, named.questions):
+            assert (p.asked_at, p.shape) == (n.asked_at, n.shape) and n.style == "named"
+            assert n.text == f"what color is the {p.shape.capitalize()}?"
+            # each reply names the shape with a capital and nothing else differs: the metric scores them alike
+            for (frame_p, answer_p), (frame_n, answer_n) in zip(question_answers(plain, p),
+                                                               question_answers(named, n)):
+                assert frame_p == frame_n
+                assert answer_n == answer_p.replace(f"the {p.shape} is", f"the {p.shape.capitalize()} is")
+        assert {f: normalize_text(t) for f, t in named.speech().items()} == \
+            {f: normalize_text(t) for f, t in plain.speech().items()}
+        captions = " ".join(e.caption for e in named.events)
+        assert not any(shape.capitalize() in captions for shape in ("square", "circle", "triangle"))
+    with pytest.raises(ValueError, match="question_style"):
+        make_clip(1, question_style="shouted")

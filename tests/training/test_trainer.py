@@ -235,3 +235,29 @@ def test_question_pairs_stream_each_clip_twice_with_another_question():
         assert torch.equal(odd.labels, realtime_sample(swapped, processor, cfg).labels)
     with pytest.raises(ValueError, match="question_pairs"):
         TrainConfig(question_pairs=True, extra_questions=1)
+
+
+def test_question_style_reaches_training_samples_and_the_trained_eval(tmp_path):
+    """A named-style run streams questions as 'the Square' (its own token) and records the style, so evaluation
+    asks the held-out clips the same way."""
+    import json
+
+    from mossvl_lab.training.evaluate import eval_clips, trained_eval_settings
+
+    cfg = ml.config.preset("video-preview-tiny")
+    processor = ml.processor_for_model(cfg)
+    tcfg = TrainConfig(question_style="named", clip_seconds=(6, 8))
+    sample = make_sample(0, tcfg, processor, cfg, 56)
+    clip = make_clip(clip_seed(0, tcfg), size=56, min_seconds=6, max_seconds=8, event_rate=tcfg.event_rate,
+                     question_style="named")
+    assert torch.equal(sample.input_ids, realtime_sample(clip, processor, cfg).input_ids)
+    subject = clip.question.shape.capitalize()
+    assert processor.tokenizer.encode(f" {subject}", add_special_tokens=False) in \
+        [[t] for t in sample.input_ids.tolist()]  # one token, and in the stream
+    (tmp_path / "train_log.json").write_text(json.dumps({"train_config": {"question_style": "named"}}))
+    settings = trained_eval_settings(tmp_path)
+    assert settings == {"question_style": "named"}
+    held_out = eval_clips([1_000_003], 56, question_style=settings["question_style"])[0]
+    assert held_out.question.text.endswith(f"the {held_out.question.shape.capitalize()}?")
+    with pytest.raises(ValueError, match="question_style"):
+        TrainConfig(question_style="shouted")
