@@ -313,7 +313,7 @@ def execute_run(run_dir: Path) -> dict[str, Any]:
                        clip_seconds=tuple(ev["clip_seconds"] or tcfg.clip_seconds), qa=ev["qa"],
                        qa_per_clip=ev["qa_per_clip"], max_tokens_per_turn=tcfg.max_tokens_per_turn,
                        cache_policy=cache_policy_from_spec(ev["cache_policy"], model),
-                       question_style=tcfg.question_style)
+                       question_style=tcfg.question_style, offline_question_first=tcfg.offline_question_first)
     out = {"variant": variant.name, "seed": seed, "metrics": metrics.to_dict(), "summary": metrics.summary(),
            "train_seconds": log["seconds"], "eval_seconds": time.perf_counter() - started,
            "final_loss": log["history"][-1]["loss"], "reused_training": "reused_from" in log}

@@ -29,6 +29,7 @@ from ..streaming.events import RoundEnd, RoundStart, TextDelta
 from ..streaming.policies import ArgmaxPolicy
 from ..streaming.session import RealtimeSession
 from .metrics import Metrics, score_clip, score_qa
+from .streams import offline_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,13 @@ def cache_policy_from_spec(spec: Mapping[str, Any] | list | None, model: Any = N
 
 def trained_eval_settings(checkpoint: str | Path) -> dict[str, Any]:
     """evaluate() keywords that score a checkpoint as it was trained: the clip lengths, frame size, question
-    style and per-turn token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
+    style, offline question order and per-turn token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
     log = Path(checkpoint) / "train_log.json"
     trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
     settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn", "question_style")
                 if trained.get(k) is not None}
+    if trained.get("offline_question_first"):
+        settings["offline_question_first"] = True
     if trained.get("clip_seconds"):
         settings["clip_seconds"] = tuple(trained["clip_seconds"])
     return settings
@@ -162,10 +165,11 @@ def stream_clip(model: Any, processor: Any, clip: Clip, *, max_tokens_per_turn: 
     return {k: " ".join(parts) for k, parts in said.items()}
 
 
-def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max_new_tokens: int = 24) -> str:
-    """Greedy answer to an offline question about the whole clip (the prompt of `offline_qa_sample`)."""
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
-                                                                       {"type": "text", "text": question}]}])
+def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max_new_tokens: int = 24,
+                   question_first: bool = False) -> str:
+    """Greedy answer to an offline question about the whole clip (the prompt of `offline_qa_sample`, the
+    question before the video when `question_first`)."""
+    text = offline_prompt(question, processor, question_first)
     inputs = processor(text, videos=[{"frames": clip.frames, "timestamps": list(clip.timestamps)}])
     inputs.pop("cross_attention_mask", None)  # training uses the default visibility (frames at or before a token)
     device = model.embed_tokens.weight.device
@@ -182,13 +186,14 @@ def answer_offline(model: Any, processor: Any, clip: Clip, question: str, *, max
 def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, frame_size: int | None = None,
              clip_seconds: tuple[int, int] = (8, 20), qa: bool | None = None, qa_per_clip: int = 2,
              max_tokens_per_turn: int = 64, max_clips: int | None = None, progress: bool = False,
-             cache_policy: Any = None, question_style: str = "plain") -> Metrics:
+             cache_policy: Any = None, question_style: str = "plain", offline_question_first: bool = False) -> Metrics:
     """Stream held-out clips (default: the first DEFAULT_EVAL_CLIPS of EVAL_SEEDS) and score them.
 
     qa: also answer up to `qa_per_clip` offline timestamp questions per clip (default: when the family's frames
     carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. cache_policy: the sessions'
     cache policies (one or a list; offline QA reads the whole clip regardless). question_style: how the questions
-    spell the shape (synthetic.QUESTION_STYLES: the style the model was trained on). The model is put in eval mode
+    spell the shape (synthetic.QUESTION_STYLES: the style the model was trained on). offline_question_first: ask
+    the offline questions before the video (as the model was trained). The model is put in eval mode
     for the run and restored after."""
     seeds = list(EVAL_SEEDS[:DEFAULT_EVAL_CLIPS] if seeds is None else seeds)
     if max_clips is not None:
@@ -208,7 +213,8 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
                                     cache_policy=cache_policy)
             total = total + score_clip(clip.speech(), predicted, len(clip.frames), reply_frames=clip.reply_frames())
             if qa:
-                pairs = [(answer_offline(model, processor, clip, p.question), p.answer) for p in clip.qa[:qa_per_clip]]
+                pairs = [(answer_offline(model, processor, clip, p.question, question_first=offline_question_first),
+                          p.answer) for p in clip.qa[:qa_per_clip]]
                 total = total + score_qa(pairs)
     finally:
         model.train(was_training)

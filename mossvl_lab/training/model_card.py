@@ -121,7 +121,11 @@ def _questions(train: dict) -> str:
 
 def _turns(train: dict) -> str:
     turns = train.get("offline_qa_turns", 1)
-    return f" (up to {turns} questions of one kind per offline sample)" if turns > 1 and train["offline_qa_fraction"] else ""
+    first = ", the first asked before the video" if train.get("offline_question_first") else ""
+    if not train["offline_qa_fraction"]:
+        return ""
+    return f" (up to {turns} questions of one kind per offline sample{first})" if turns > 1 else \
+        (" (the question asked before the video)" if first else "")
 
 
 def write_model_card(root: str | Path, clips: int = 100, progress: bool = True,

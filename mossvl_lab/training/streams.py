@@ -117,13 +117,23 @@ def _single_id(tok: Any, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def offline_prompt(question: str, processor: Any, question_first: bool = False) -> str:
+    """The chat text of one offline question about a video: the video then the question, or (question_first)
+    the question then the video. Asked first, the question is in context while every frame is read, so each
+    frame's tokens can check locally whether they hold the answer ("is my time 12.0?", "did the green square
+    appear here?") and the answer needs one lookup of the flagged frame, not a match of the question against
+    every frame's time text and pictures. Both orders are the same chat template with its content reordered."""
+    parts = [{"type": "video"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": parts[::-1] if question_first else parts}])
+
+
 def offline_qa_sample(clip: Clip, question: str, answer: str, processor: Any,
-                      follow_ups: Sequence[tuple[str, str]] = ()) -> TrainingSample:
-    """An offline turn: the clip as a video (MOSS-VL: with its timestamps) + a question -> the answer; each
-    (question, answer) of `follow_ups` is one more user turn about the same video, so one pass of the vision tower
-    teaches several answers. Only answers (and their end-of-turn token) carry loss."""
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
-                                                                       {"type": "text", "text": question}]}])
+                      follow_ups: Sequence[tuple[str, str]] = (), question_first: bool = False) -> TrainingSample:
+    """An offline turn: the clip as a video (MOSS-VL: with its timestamps) + a question -> the answer (the order of
+    `offline_prompt`); each (question, answer) of `follow_ups` is one more user turn about the same video, asked
+    after it, so one pass of the vision tower teaches several answers. Only answers (and their end-of-turn token)
+    carry loss."""
+    text = offline_prompt(question, processor, question_first)
     close = "<|im_end|>\n" if family_style(processor.family) == "chatml" else "<|eot_id|>"
     video = {"frames": clip.frames, "timestamps": list(clip.timestamps)}
     prompt = processor(text, videos=[video])

@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
                    help="questions per offline QA sample (one kind per sample)")
+    p.add_argument("--offline-question-first", action="store_true",
+                   help="ask the (first) offline question before the video instead of after it")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--train-seeds", default="", help="comma-separated fixed clip seeds (default: endless stream)")
     p.add_argument("--max-tokens-per-turn", type=int, default=d.max_tokens_per_turn)
@@ -137,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        question_style=args.question_style,
                        frame_size=args.frame_size,
                        offline_qa_fraction=args.offline_qa_fraction, offline_qa_turns=args.offline_qa_turns,
+                       offline_question_first=args.offline_question_first,
                        out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),
                        max_tokens_per_turn=args.max_tokens_per_turn)

@@ -71,6 +71,7 @@ class TrainConfig:
     # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an
     # earlier "what happened at" turn); evaluation asks one at a time
     offline_qa_turns: int = 1
+    offline_question_first: bool = False     # ask the first offline question before the video (streams.offline_prompt)
     out_dir: str | None = None               # checkpoint + processor + train_log.json (None = nothing saved)
     log_every: int = 10
     train_seeds: tuple[int, ...] = ()        # fixed clip seeds to cycle through (overfitting, tests)
@@ -144,7 +145,7 @@ def make_sample(index: int, cfg: TrainConfig, processor: Any, model_cfg: Any, fr
         pair = clip.qa[int(rng.integers(len(clip.qa)))]
         more = [(p.question, p.answer) for p in clip.qa if p.kind == pair.kind and p is not pair]
         return offline_qa_sample(clip, pair.question, pair.answer, processor,
-                                 follow_ups=more[:cfg.offline_qa_turns - 1])
+                                 follow_ups=more[:cfg.offline_qa_turns - 1], question_first=cfg.offline_question_first)
     return realtime_sample(clip, processor, model_cfg)
 
 
@@ -222,7 +223,8 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
                 if info.is_main:
                     final = evaluate(model, processor, EVAL_SEEDS[:cfg.eval_clips], frame_size=frame_size,
                                      clip_seconds=cfg.clip_seconds, max_tokens_per_turn=cfg.max_tokens_per_turn,
-                                     question_style=cfg.question_style)
+                                     question_style=cfg.question_style,
+                                     offline_question_first=cfg.offline_question_first)
                     evals.append({"step": step + 1, **final.to_dict()})
                     if bar is not None:
                         bar.write(f"step {step + 1} eval: {final.summary()}")

@@ -77,6 +77,41 @@ def test_offline_follow_up_questions_extend_the_single_question_sample():
     assert all(f"user\n{p.question}<|im_end|>" in tail for p in rest)
 
 
+def test_question_first_moves_only_the_question_before_the_video(monkeypatch):
+    """The same tokens, vision and trained answer; the question sits between the user header and the video. The
+    evaluation asks with the very prompt the sample trains on."""
+    from mossvl_lab.training import evaluate as evaluate_module
+
+    processor = ml.processor_for_model(ml.config.preset("moss-vl-tiny"))
+    clip = make_clip(3, size=64, min_seconds=6, max_seconds=8, event_rate=0.5)
+    pair = clip.qa[0]
+    after = offline_qa_sample(clip, pair.question, pair.answer, processor)
+    before = offline_qa_sample(clip, pair.question, pair.answer, processor, question_first=True)
+    assert sorted(after.input_ids.tolist()) == sorted(before.input_ids.tolist())
+    assert torch.equal(after.vision["pixel_values"], before.vision["pixel_values"])
+    tok = processor.tokenizer
+    assert tok.decode([t for t in before.labels.tolist() if t != IGNORE]) == f"{pair.answer}<|im_end|>\n"
+    text = tok.decode(before.input_ids.tolist())
+    assert text.startswith(f"<|im_start|>user\n{pair.question}<|vision_start|>")
+    assert text.endswith(f"<|vision_end|><|im_end|>\n<|im_start|>assistant\n{pair.answer}<|im_end|>\n")
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(**inputs):
+        seen.append(inputs["input_ids"][0].tolist())
+        raise Stop
+
+    model = ml.build_model(ml.config.preset("moss-vl-tiny"))
+    monkeypatch.setattr(model, "generate", record)
+    with pytest.raises(Stop):
+        evaluate_module.answer_offline(model, processor, clip, pair.question, question_first=True)
+    prompt = before.input_ids[before.labels == IGNORE].tolist()
+    assert seen[0] == prompt
+
+
 def test_decisions_mark_speaking_and_going_on():
     cfg = ml.config.preset("video-preview-tiny")
     processor = ml.processor_for_model(cfg)

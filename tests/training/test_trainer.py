@@ -254,9 +254,10 @@ def test_question_style_reaches_training_samples_and_the_trained_eval(tmp_path):
     subject = clip.question.shape.capitalize()
     assert processor.tokenizer.encode(f" {subject}", add_special_tokens=False) in \
         [[t] for t in sample.input_ids.tolist()]  # one token, and in the stream
-    (tmp_path / "train_log.json").write_text(json.dumps({"train_config": {"question_style": "named"}}))
+    (tmp_path / "train_log.json").write_text(json.dumps({"train_config": {"question_style": "named",
+                                                                          "offline_question_first": True}}))
     settings = trained_eval_settings(tmp_path)
-    assert settings == {"question_style": "named"}
+    assert settings == {"question_style": "named", "offline_question_first": True}
     held_out = eval_clips([1_000_003], 56, question_style=settings["question_style"])[0]
     assert held_out.question.text.endswith(f"the {held_out.question.shape.capitalize()}?")
     with pytest.raises(ValueError, match="question_style"):
