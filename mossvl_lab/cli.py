@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, processor, where = _load(args.checkpoint, args.preset)
     size = getattr(model.config.vision, "image_size", 64)
-    style = trained_eval_settings(where).get("question_style", "plain")  # ask as the model was trained
+    style = trained_eval_settings(where).get("question_style", "plain")  # expect replies as the model was trained
     clip = make_clip(args.seed if args.seed is not None else EVAL_SEEDS[0], size=size, max_seconds=args.max_seconds,
                      question_style=style)
     print(f"model: {where}; held-out clip seed {clip.seed}: {len(clip.timestamps)} s, "

@@ -20,11 +20,13 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
 BACKGROUND = (96, 96, 96)
 GRID = 2  # shapes sit in the cells of a GRID x GRID layout; 2 aligns cells with both tiny towers' token grids
 EVAL_SEEDS = range(1_000_000, 1_000_200)  # held out: training draws from seeds below 1_000_000
-# How a mid-stream question and its replies name the shape. "plain": "what color is the square?" / "the square is
-# red". "named" (task v3 option): a capitalised name, "what color is the Square?" / "the Square is red", a
-# spelling captions never use, so a model can tell a shape mentioned in a question or reply from one mentioned in
-# a caption by one token. Deciding whether a caption needs a revision is exactly that test; with "plain" it needs
-# a second hop (the word before the shape). Metrics ignore case, so targets score alike under both styles.
+# How the replies to a mid-stream question name its shape. "plain": "the square is red". "named" (task v3
+# option): a capitalised name, "the Square is red", a spelling captions never use. Every question gets a reply
+# when asked, so a later caption needs a revision exactly when its shape matches the name in that reply: one
+# token to match, where "plain" needs a second hop (the word before the shape). The question itself stays as a
+# user types it ("what color is the square?"): its shape word is the one bound to pictures, which the answer at
+# the asked frame needs (a run that named the shape in the question too never answered a present shape's colour
+# at that frame, 0/8). Metrics ignore case, so targets score alike under both styles.
 QUESTION_STYLES = ("plain", "named")
 
 
@@ -69,12 +71,12 @@ class Question:
 
     @property
     def subject(self) -> str:
-        """The shape as the question and its replies spell it."""
+        """The shape as the replies spell it."""
         return self.shape.capitalize() if self.style == "named" else self.shape
 
     @property
     def text(self) -> str:
-        return f"what color is the {self.subject}?"
+        return f"what color is the {self.shape}?"
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def make_clip(seed: int, *, size: int = 64, min_seconds: int = 8, max_seconds: i
     extra_questions: up to len(SHAPES) - 1 more questions (training only: evaluation clips ask one), each about a
     shape no other question asks about, at a frame no other question is asked at; they give a model more
     question -> answer pairs per clip than the ~1 in 5 spoken frames a single question yields.
-    question_style: how questions and replies spell the shape (QUESTION_STYLES); the scene is the same."""
+    question_style: how replies spell the question's shape (QUESTION_STYLES); the scene is the same."""
     if question_style not in QUESTION_STYLES:
         raise ValueError(f"question_style must be one of {QUESTION_STYLES}, got {question_style!r}")
     if not 0 <= extra_questions < len(SHAPES):
@@ -278,8 +280,8 @@ def phrase_corpus() -> str:
     so a tiny model spends its steps on watching rather than on spelling."""
     lines = []
     for shape in SHAPES:
-        subjects = (shape, shape.capitalize())  # QUESTION_STYLES: plain, named
-        lines += [f"what color is the {s}?" for s in subjects] + [f"the {s} is gone" for s in subjects]
+        subjects = (shape, shape.capitalize())  # the reply spellings of QUESTION_STYLES: plain, named
+        lines += [f"what color is the {shape}?"] + [f"the {s} is gone" for s in subjects]
         for color in COLORS:
             other = next(c for c in COLORS if c != color)
             lines += [f"a {color} {shape} appears", f"the {color} {shape} leaves", f"the {color} {shape} moves",

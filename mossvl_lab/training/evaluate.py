@@ -191,8 +191,8 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
 
     qa: also answer up to `qa_per_clip` offline timestamp questions per clip (default: when the family's frames
     carry timestamps, i.e. MOSS-VL). max_clips caps how many of `seeds` are used. cache_policy: the sessions'
-    cache policies (one or a list; offline QA reads the whole clip regardless). question_style: how the questions
-    spell the shape (synthetic.QUESTION_STYLES: the style the model was trained on). offline_question_first: ask
+    cache policies (one or a list; offline QA reads the whole clip regardless). question_style: how replies spell
+    the asked shape (synthetic.QUESTION_STYLES: the style the model was trained on). offline_question_first: ask
     the offline questions before the video (as the model was trained). The model is put in eval mode
     for the run and restored after."""
     seeds = list(EVAL_SEEDS[:DEFAULT_EVAL_CLIPS] if seeds is None else seeds)

@@ -113,8 +113,8 @@ def _questions(train: dict) -> str:
     extra = train.get("extra_questions", 0)
     pairs = (", each clip streamed twice in a row, the second time asking about another shape"
              if train.get("question_pairs") else "")
-    named = (", questions and replies name the shape with a capital ('what color is the Square?'; evaluation asks "
-             "the same way, scoring ignores case)" if train.get("question_style") == "named" else "")
+    named = (", replies name the asked shape with a capital ('the Square is red'; scoring ignores case)"
+             if train.get("question_style") == "named" else "")
     return (f", {1 + extra} mid-stream questions per training clip (evaluation clips ask one)" if extra else "") + \
         pairs + named
 

@@ -111,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-pairs", action="store_true",
                    help="stream each training clip twice, the second time asking about another shape")
     p.add_argument("--question-style", choices=QUESTION_STYLES, default=d.question_style,
-                   help="how mid-stream questions and replies spell the shape: plain ('the square') or named "
-                        "('the Square', a spelling captions never use)")
+                   help="how replies to mid-stream questions spell the shape: plain ('the square is red') or "
+                        "named ('the Square is red', a spelling captions never use)")
     p.add_argument("--offline-qa-fraction", type=float, default=d.offline_qa_fraction)
     p.add_argument("--offline-qa-turns", type=int, default=d.offline_qa_turns,
                    help="questions per offline QA sample (one kind per sample)")

@@ -65,7 +65,7 @@ class TrainConfig:
     # each training clip twice in a row, the second time asking about another shape at the same frame: the two
     # streams differ only where the answer depends on which shape was asked, so their losses teach that link
     question_pairs: bool = False
-    question_style: str = "plain"            # synthetic.QUESTION_STYLES; evaluation asks in the trained style
+    question_style: str = "plain"            # synthetic.QUESTION_STYLES; evaluation expects the trained style
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower
     offline_qa_fraction: float = 0.0         # MOSS-VL: share of offline timestamp-QA samples
     # questions per offline sample, all of one kind (mixing kinds would let a "when" answer be copied from an

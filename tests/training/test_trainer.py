@@ -238,8 +238,8 @@ def test_question_pairs_stream_each_clip_twice_with_another_question():
 
 
 def test_question_style_reaches_training_samples_and_the_trained_eval(tmp_path):
-    """A named-style run streams questions as 'the Square' (its own token) and records the style, so evaluation
-    asks the held-out clips the same way."""
+    """A named-style run streams replies as 'the Square is ...' (its own token) and records the style, so the
+    evaluation expects the same spelling."""
     import json
 
     from mossvl_lab.training.evaluate import eval_clips, trained_eval_settings
@@ -259,6 +259,6 @@ def test_question_style_reaches_training_samples_and_the_trained_eval(tmp_path):
     settings = trained_eval_settings(tmp_path)
     assert settings == {"question_style": "named", "offline_question_first": True}
     held_out = eval_clips([1_000_003], 56, question_style=settings["question_style"])[0]
-    assert held_out.question.text.endswith(f"the {held_out.question.shape.capitalize()}?")
+    assert f"the {held_out.question.shape.capitalize()} is " in held_out.speech()[held_out.question.asked_at]
     with pytest.raises(ValueError, match="question_style"):
         TrainConfig(question_style="shouted")
