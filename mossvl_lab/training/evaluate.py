@@ -213,9 +213,10 @@ def evaluate(model: Any, processor: Any, seeds: Iterable[int] | None = None, *, 
                                     cache_policy=cache_policy)
             total = total + score_clip(clip.speech(), predicted, len(clip.frames), reply_frames=clip.reply_frames())
             if qa:
+                asked = clip.qa[:qa_per_clip]
                 pairs = [(answer_offline(model, processor, clip, p.question, question_first=offline_question_first),
-                          p.answer) for p in clip.qa[:qa_per_clip]]
-                total = total + score_qa(pairs)
+                          p.answer) for p in asked]
+                total = total + score_qa(pairs, [p.kind for p in asked])
     finally:
         model.train(was_training)
     logger.info("eval on %d clips: %s", total.clips, total.summary())

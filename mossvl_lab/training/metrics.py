@@ -14,7 +14,10 @@ maps a frame to what the model said after it (absent = silence). With tolerance 
 * **mean response delay** = mean of g - f over recalled targets (negative when the model spoke early);
 * **false-alarm rate** = quiet frames at which the model spoke / quiet frames, where a quiet frame has no
   target within +-1 frame ("speech when nothing changed");
-* **timestamp-QA accuracy** = offline answers equal to the reference (same normalisation) / questions.
+* **timestamp-QA accuracy** = offline answers equal to the reference (same normalisation) / questions; split in
+  two diagnostics when the caller gives each question's kind: **"when" accuracy** ("when did the red square
+  leave?" -> a time) and **"what at" accuracy** ("what happened at 12.0 seconds?" -> a caption), because a model
+  can learn to read a time off a frame long before it learns to find the frame a time names, or the reverse.
 
 Every score is a `Metrics` of integer counts (plus the delay sum); clips and QA results add up with `+`, and the
 rates are properties of the summed counts (NaN when their denominator is zero).
@@ -52,6 +55,8 @@ class Metrics:
     spoken_frames: int = 0     # frames at which the model spoke at all
     qa_total: int = 0
     qa_correct: int = 0
+    qa_when_total: int = 0     # of `qa_total`, "when did ...?" questions (the rest ask what happened at a time)
+    qa_when_correct: int = 0   # of `qa_correct`, "when" questions
 
     def __add__(self, other: "Metrics") -> "Metrics":
         if not isinstance(other, Metrics):
@@ -89,8 +94,17 @@ class Metrics:
     def qa_accuracy(self) -> float:
         return _ratio(self.qa_correct, self.qa_total)
 
+    @property
+    def qa_when_accuracy(self) -> float:
+        return _ratio(self.qa_when_correct, self.qa_when_total)
+
+    @property
+    def qa_what_at_accuracy(self) -> float:
+        return _ratio(self.qa_correct - self.qa_when_correct, self.qa_total - self.qa_when_total)
+
     RATES = ("event_recall", "false_alarm_rate", "caption_exact_match", "mean_delay_frames", "qa_accuracy")
-    SPLIT_RATES = ("event_caption_exact_match", "reply_exact_match")  # diagnostics: in to_dict, not in ablations
+    SPLIT_RATES = ("event_caption_exact_match", "reply_exact_match",  # diagnostics: in to_dict, not in ablations
+                   "qa_when_accuracy", "qa_what_at_accuracy")
 
     def to_dict(self) -> dict[str, float | int | None]:
         """Rates (None where undefined) followed by the counts: JSON-ready."""
@@ -110,6 +124,9 @@ class Metrics:
                 f"{pct(self.caption_exact_match)}{split}, delay {delay} frames")
         if self.qa_total:
             text += f", timestamp QA {pct(self.qa_accuracy)} ({self.qa_correct}/{self.qa_total})"
+            if self.qa_when_total:
+                text += (f" (when {self.qa_when_correct}/{self.qa_when_total}, what at "
+                         f"{self.qa_correct - self.qa_when_correct}/{self.qa_total - self.qa_when_total})")
         return text
 
 
@@ -147,8 +164,13 @@ def score_clip(targets: Mapping[int, str], predicted: Mapping[int, str], n_frame
                    spoken_frames=len(spoken))
 
 
-def score_qa(pairs: Iterable[tuple[str, str]]) -> Metrics:
-    """Timestamp-QA counts over (prediction, reference answer) pairs: exact match after normalisation."""
+def score_qa(pairs: Iterable[tuple[str, str]], kinds: Iterable[str] | None = None) -> Metrics:
+    """Timestamp-QA counts over (prediction, reference answer) pairs: exact match after normalisation. `kinds`
+    (one per pair, QAPair.kind: "when" or "what_at") also counts the "when" questions apart."""
     pairs = list(pairs)
-    return Metrics(qa_total=len(pairs),
-                   qa_correct=sum(normalize_text(p) == normalize_text(a) for p, a in pairs))
+    kinds = list(kinds) if kinds is not None else ["what_at"] * len(pairs)
+    if len(kinds) != len(pairs):
+        raise ValueError(f"score_qa: {len(kinds)} kinds for {len(pairs)} answers; give one kind per answer")
+    correct = [normalize_text(p) == normalize_text(a) for p, a in pairs]
+    return Metrics(qa_total=len(pairs), qa_correct=sum(correct), qa_when_total=kinds.count("when"),
+                   qa_when_correct=sum(ok for ok, kind in zip(correct, kinds) if kind == "when"))

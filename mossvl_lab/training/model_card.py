@@ -80,7 +80,7 @@ frame by frame through a `RealtimeSession` with the greedy policy ({eval_seconds
 {rows}
 
 Mean response delay: {'n/a' if math.isnan(delay) else f'{delay:+.2f}'} frames. Counts: {metrics.recalled}/{metrics.targets} events
-recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech{f', {metrics.qa_correct}/{metrics.qa_total} timestamp questions' if metrics.qa_total else ''}.{_split(metrics)}
+recalled, {metrics.false_alarms}/{metrics.quiet_frames} quiet frames with speech{f', {metrics.qa_correct}/{metrics.qa_total} timestamp questions' if metrics.qa_total else ''}.{_split(metrics)}{_qa_split(metrics)}
 
 Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
@@ -94,6 +94,16 @@ def _split(metrics: Metrics) -> str:
     return (f"\nCaption exact match split: event captions alone {_pct(metrics.event_caption_exact_match)} "
             f"({metrics.exact - metrics.reply_exact}/{captions}), targets carrying a reply "
             f"{_pct(metrics.reply_exact_match)} ({metrics.reply_exact}/{metrics.reply_recalled}).")
+
+
+def _qa_split(metrics: Metrics) -> str:
+    """Timestamp QA split into "when did ...?" questions and "what happened at T?" questions."""
+    if not metrics.qa_when_total:
+        return ""
+    what_at = metrics.qa_total - metrics.qa_when_total
+    return (f"\nTimestamp QA split: \"when\" questions {_pct(metrics.qa_when_accuracy)} "
+            f"({metrics.qa_when_correct}/{metrics.qa_when_total}), \"what happened at\" questions "
+            f"{_pct(metrics.qa_what_at_accuracy)} ({metrics.qa_correct - metrics.qa_when_correct}/{what_at}).")
 
 
 def _kinds(train: dict) -> str:

@@ -78,6 +78,22 @@ def test_sums_and_qa():
     assert normalize_text("  The  Red\tsquare ") == "the red square"
 
 
+def test_qa_split_by_question_kind():
+    answers = [("at 3.0 seconds", "at 3.0 seconds"), ("at 1.0 seconds", "at 12.0 seconds"),
+               ("a red square appears", "a red square appears"), ("the red square moves", "a red square appears"),
+               ("the blue circle leaves", "the blue circle leaves")]
+    kinds = ["when", "when", "what_at", "what_at", "what_at"]
+    m = score_qa(answers[:2], kinds[:2]) + score_qa(answers[2:], kinds[2:])  # split counts add up across clips
+    assert (m.qa_total, m.qa_correct, m.qa_when_total, m.qa_when_correct) == (5, 3, 2, 1)
+    assert (m.qa_when_accuracy, m.qa_what_at_accuracy) == (0.5, 2 / 3)
+    assert "timestamp QA 60.0% (3/5) (when 1/2, what at 2/3)" in m.summary()
+    assert m.to_dict()["qa_when_accuracy"] == 0.5
+    unsplit = score_qa(answers)  # without kinds every question counts as "what at"
+    assert (unsplit.qa_correct, unsplit.qa_when_total) == (3, 0) and "when" not in unsplit.summary()
+    with pytest.raises(ValueError, match="one kind per answer"):
+        score_qa(answers, kinds[:2])
+
+
 def test_frames_out_of_range_are_an_error():
     with pytest.raises(ValueError, match="outside"):
         score_clip({5: "x"}, {}, n_frames=5)

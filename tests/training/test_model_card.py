@@ -42,3 +42,14 @@ def test_card_splits_caption_exact_match_by_reply_targets(tmp_path):
     # 7 exact of 10: 5 of the 6 caption-only targets, 2 of the 4 that carry a reply
     assert "event captions alone 83.3% (5/6), targets carrying a reply 50.0% (2/4)" in text
     assert "Caption exact match split" not in card(tmp_path)  # nothing marked as a reply: no split line
+
+
+def test_card_splits_timestamp_qa_by_question_kind(tmp_path):
+    log = {"train_config": dataclasses.asdict(TrainConfig()), "history": [{"loss": 0.5}], "command": "python -m ..."}
+    metrics = Metrics(clips=2, frames=20, targets=2, recalled=2, exact=2, quiet_frames=6,
+                      qa_total=8, qa_correct=3, qa_when_total=3, qa_when_correct=2)
+    text = render_card(tmp_path, log, metrics, clips=2, eval_seconds=1.0, family="moss_vl",
+                       processor_settings={}, parameters=10**6)
+    # 3 right of 8: 2 of the 3 "when" questions, so 1 of the 5 "what happened at" ones
+    assert '"when" questions 66.7% (2/3), "what happened at" questions 20.0% (1/5)' in text
+    assert "Timestamp QA split" not in card(tmp_path)
