@@ -122,7 +122,11 @@ def offline_prompt(question: str, processor: Any, question_first: bool = False) 
     the question then the video. Asked first, the question is in context while every frame is read, so each
     frame's tokens can check locally whether they hold the answer ("is my time 12.0?", "did the green square
     appear here?") and the answer needs one lookup of the flagged frame, not a match of the question against
-    every frame's time text and pictures. Both orders are the same chat template with its content reordered."""
+    every frame's time text and pictures. Both orders are the same chat template with its content reordered.
+
+    Measured (session 9, one from-scratch run of the shipped moss-vl-tiny recipe with only this changed): asking
+    first did NOT help; timestamp QA fell to 10/100 on validation clips from the question-after model's 24, so
+    question-after stays the default and question_first is kept as an ablation."""
     parts = [{"type": "video"}, {"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": parts[::-1] if question_first else parts}])
 
