@@ -42,3 +42,12 @@ def test_hooks_overhead_benchmark_counts_the_hook_points_it_strips():
     model = ml.build_model(ml.config.preset("video-preview-tiny"))
     assert f"{len(model.hook_names())} hook points" in out, out
     assert re.search(r"prefill forward\s+instrumented\s+[\d.]+ ms\s+bare\s+[\d.]+ ms\s+ratio [\d.]+", out), out
+
+
+@pytest.mark.slow
+def test_stop_latency_benchmark_prints_the_ratio_of_its_two_medians():
+    out = _run("stop_latency.py", "--objects", "1000", "--rounds", "1")
+    found = re.search(r"ours ([\d.]+) s \| also collecting in the caller ([\d.]+) s \| ratio ([\d.]+)x", out)
+    assert found, out
+    ours, both, ratio = map(float, found.groups())
+    assert ratio == pytest.approx(both / ours, rel=0.1)  # printed times are rounded to 1 ms

@@ -3,7 +3,11 @@ cards' generate kwargs onto a RealtimeSession; see streaming.threads for the loo
 
 from __future__ import annotations
 
+import logging
 import numbers
+import queue
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from ..generation.sampling import SamplingConfig
@@ -18,10 +22,32 @@ ERROR_PREFIX = "[ERROR] "
 HIDDEN_OUTPUT_TOKENS = ("<|response|>", "<|assistant|>", "<go>")  # spec moss-vl §6.3: never shown to users
 UNPACED = 86400            # max_tokens_per_turn at or above this: no pacing (the cards' default)
 REALTIME_SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 0.8}  # do_sample defaults, spec moss-vl §8.3 (9)
+POLL_SECONDS = 0.02        # how often a waiting loop re-checks its stop flag and the other queue
+
+logger = logging.getLogger(__name__)
 
 
 class QueueMessageError(ValueError):
     """An `online_generate` input message is malformed; the message says which keys are accepted."""
+
+
+def offer(out: Any, chunk: str, abandon: Callable[[], bool]) -> None:
+    """Put `chunk` on `out`; on a full bounded queue, wait for room until `abandon()` (a consumer that stopped
+    reading must never block the loop, its stop or its close)."""
+    while True:
+        try:
+            out.put(chunk, timeout=POLL_SECONDS)
+            return
+        except queue.Full:
+            if abandon():
+                logger.warning("output queue full and nobody reads it: dropped %r", chunk)
+                return
+
+
+def deadline(seconds: float) -> Callable[[], bool]:
+    """An `abandon` for `offer`: true once `seconds` have passed from now."""
+    end = time.monotonic() + seconds
+    return lambda: time.monotonic() > end
 
 
 def error_line(err: BaseException) -> str:

@@ -43,34 +43,16 @@ from typing import Any, Literal
 
 from .events import Event
 from .inputs import check_timestamp
-from .protocol import ROUND_END, OutputProtocol, QueueMessageError, error_line, session_options
+from .protocol import (POLL_SECONDS, ROUND_END, OutputProtocol, QueueMessageError, deadline, error_line, offer,
+                       session_options)
 from .session import RealtimeSession, SessionClosedError, SessionView
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.02        # how often a waiting loop re-checks its stop flag and the other queue
 EVENT_QUEUE_SIZE = 4096    # raw events kept for widgets; the oldest is dropped when nobody reads them
 THREAD_NAME = "mossvl-realtime"
 CONFIG_KEYS = ("initial_prompt", "system_prompt", "frame_queue_size", "max_tokens_per_turn")
 FRAME_KEYS = ("frame", "timestamp", "prompt", "drop_oldest")
-
-
-def _offer(out: Any, chunk: str, abandon: Callable[[], bool]) -> None:
-    """Put `chunk` on `out`; on a full bounded queue, wait for room until `abandon()` (a consumer that stopped
-    reading must never block the loop, its stop or its close)."""
-    while True:
-        try:
-            out.put(chunk, timeout=POLL_SECONDS)
-            return
-        except queue.Full:
-            if abandon():
-                logger.warning("output queue full and nobody reads it: dropped %r", chunk)
-                return
-
-
-def _after(seconds: float) -> Callable[[], bool]:
-    deadline = time.monotonic() + seconds
-    return lambda: time.monotonic() > deadline
 
 
 def _release_memory() -> None:
@@ -188,16 +170,16 @@ class ThreadedSession:
             for event in self.session.events(poll=POLL_SECONDS):
                 self._record(event)
                 for chunk in self.protocol.render(event):
-                    _offer(self.output, chunk, lambda: self.session.closed)
+                    offer(self.output, chunk, lambda: self.session.closed)
         except Exception as err:  # the loop itself failed: report it and end (the caches may be half-updated)
             self.error = err
             logger.exception("real-time loop failed")
-            _offer(self.output, error_line(err), _after(1.0))
+            offer(self.output, error_line(err), deadline(1.0))
         finally:
             self.session.close()
-            give_up = _after(1.0)  # one deadline for all closing chunks: each must not add its own second
+            give_up = deadline(1.0)  # one deadline for all closing chunks: each must not add its own second
             for chunk in self.protocol.end():
-                _offer(self.output, chunk, give_up)
+                offer(self.output, chunk, give_up)
 
     def _record(self, event: Event) -> None:
         while True:  # only this thread puts, so at most one retry
@@ -226,13 +208,17 @@ _NOTHING = object()  # "no message yet" from a queue read that timed out
 
 def stop_real_time_generate(model: Any) -> bool:
     """Stop every `real_time_generate` / `online_generate` loop running on `model` (from any thread, also while
-    parked waiting for input) and release cached memory (gc, CUDA cache). Each loop closes its session and
-    returns after "<|round_end|>". Returns False when no loop was running (nothing is remembered for later)."""
+    parked waiting for input) and release cached memory (gc, CUDA cache). Each loop closes its session, sends
+    "<|round_end|>", releases memory and returns. Returns False when no loop was running (nothing is remembered
+    for later; memory is then released here)."""
     with _running_lock:
         flags = list(_running.get(model, ()))
     for flag in flags:
         flag.set()
-    _release_memory()
+    if not flags:
+        # with loops running their sessions are still alive: a collection here frees nothing and, competing with
+        # each loop's own for the GIL, doubles how long a stop takes in a large heap (benchmarks/stop_latency.py)
+        _release_memory()
     return bool(flags)
 
 
@@ -250,10 +236,10 @@ def _serve(model: Any, out: Any, make: Callable[[threading.Event], ThreadedSessi
             if threaded is not None:
                 threaded.start()
         except Exception as err:  # bad options: the consumer must still see the end of the loop
-            _offer(out, error_line(err), _after(1.0))
+            offer(out, error_line(err), deadline(1.0))
             threaded = None
         if threaded is None:
-            _offer(out, ROUND_END, _after(1.0))
+            offer(out, ROUND_END, deadline(1.0))
             return
         pump(threaded, stop)
     finally:
@@ -272,7 +258,7 @@ def _feed(threaded: ThreadedSession, out: Any, stop: threading.Event, push: Call
     except SessionClosedError:
         return False
     except Exception as err:
-        _offer(out, error_line(err), lambda: stop.is_set() or not threaded.active)
+        offer(out, error_line(err), lambda: stop.is_set() or not threaded.active)
     return True
 
 

@@ -363,6 +363,29 @@ def test_stop_real_time_generate_from_another_thread_while_parked():
     assert _drain(token_queue) == [ROUND_END] and not _our_threads()
 
 
+def test_a_stop_leaves_the_memory_release_to_the_loops_it_stops(monkeypatch):
+    """The loop releases memory once, after dropping its session; the stopping thread does not collect too (a
+    second gc.collect while the session is still alive frees nothing and doubles a stop's time in a big heap).
+    With no loop running, the stop releases memory itself."""
+    from mossvl_lab.streaming import threads
+    released = []
+    monkeypatch.setattr(threads, "_release_memory", lambda: released.append(threading.current_thread().name))
+    model, processor = _setup("video-preview-tiny")
+    token_queue = queue.Queue()
+    worker = threading.Thread(target=model.real_time_generate, name="the-loop",
+                              args=(queue.Queue(), queue.Queue(), token_queue, processor),
+                              kwargs={"policy": TeacherForcedPolicy([])})
+    worker.start()
+    assert token_queue.get(timeout=5) == SILENCE
+    stopper = threading.Thread(target=model.stop_real_time_generate, name="the-stopper")
+    stopper.start()
+    stopper.join(timeout=5)
+    worker.join(timeout=5)
+    assert not worker.is_alive() and released == ["the-loop"]
+    assert threads.stop_real_time_generate(model) is False
+    assert released == ["the-loop", threading.current_thread().name]
+
+
 def test_errors_inside_the_loop_become_error_lines_and_never_hang_the_consumer():
     model, processor = _setup("video-preview-tiny")
     silence = model.config.tokens.silence_token_id
