@@ -103,13 +103,12 @@ def cache_policy_from_spec(spec: Mapping[str, Any] | list | None, model: Any = N
 
 def trained_eval_settings(checkpoint: str | Path) -> dict[str, Any]:
     """evaluate() keywords that score a checkpoint as it was trained: the clip lengths, frame size, question
-    style, offline question order and per-turn token cap of its train_log.json (none when it has no log, so evaluate's defaults apply)."""
+    style, offline question order and per-turn token cap of its train_log.json (none when it has no log, so
+    evaluate's defaults apply)."""
     log = Path(checkpoint) / "train_log.json"
     trained = json.loads(log.read_text()).get("train_config", {}) if log.exists() else {}
-    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn", "question_style")
+    settings = {k: trained[k] for k in ("frame_size", "max_tokens_per_turn", "question_style", "offline_question_first")
                 if trained.get(k) is not None}
-    if trained.get("offline_question_first"):
-        settings["offline_question_first"] = True
     if trained.get("clip_seconds"):
         settings["clip_seconds"] = tuple(trained["clip_seconds"])
     return settings

@@ -86,24 +86,30 @@ Reproduce: `mossvl-lab eval --checkpoint {root.as_posix()} --clips {clips}`.
 """
 
 
+def _split_line(title: str, *parts: tuple[str, int, int]) -> str:
+    """One card line splitting a rate into parts, each (label, right, asked)."""
+    shares = ", ".join(f"{label} {_pct(right / asked if asked else None)} ({right}/{asked})"
+                       for label, right, asked in parts)
+    return f"\n{title} split: {shares}."
+
+
 def _split(metrics: Metrics) -> str:
     """Caption exact match split into recalled targets that carry a reply to the mid-stream question and the rest."""
     if not metrics.reply_recalled:
         return ""
-    captions = metrics.recalled - metrics.reply_recalled
-    return (f"\nCaption exact match split: event captions alone {_pct(metrics.event_caption_exact_match)} "
-            f"({metrics.exact - metrics.reply_exact}/{captions}), targets carrying a reply "
-            f"{_pct(metrics.reply_exact_match)} ({metrics.reply_exact}/{metrics.reply_recalled}).")
+    return _split_line("Caption exact match",
+                       ("event captions alone", metrics.exact - metrics.reply_exact,
+                        metrics.recalled - metrics.reply_recalled),
+                       ("targets carrying a reply", metrics.reply_exact, metrics.reply_recalled))
 
 
 def _qa_split(metrics: Metrics) -> str:
     """Timestamp QA split into "when did ...?" questions and "what happened at T?" questions."""
     if not metrics.qa_when_total:
         return ""
-    what_at = metrics.qa_total - metrics.qa_when_total
-    return (f"\nTimestamp QA split: \"when\" questions {_pct(metrics.qa_when_accuracy)} "
-            f"({metrics.qa_when_correct}/{metrics.qa_when_total}), \"what happened at\" questions "
-            f"{_pct(metrics.qa_what_at_accuracy)} ({metrics.qa_correct - metrics.qa_when_correct}/{what_at}).")
+    return _split_line("Timestamp QA", ('"when" questions', metrics.qa_when_correct, metrics.qa_when_total),
+                       ('"what happened at" questions', metrics.qa_correct - metrics.qa_when_correct,
+                        metrics.qa_total - metrics.qa_when_total))
 
 
 def _kinds(train: dict) -> str:
@@ -130,12 +136,14 @@ def _questions(train: dict) -> str:
 
 
 def _turns(train: dict) -> str:
-    turns = train.get("offline_qa_turns", 1)
-    first = ", the first asked before the video" if train.get("offline_question_first") else ""
     if not train["offline_qa_fraction"]:
         return ""
-    return f" (up to {turns} questions of one kind per offline sample{first})" if turns > 1 else \
-        (" (the question asked before the video)" if first else "")
+    turns = train.get("offline_qa_turns", 1)
+    first = train.get("offline_question_first")
+    if turns > 1:
+        asked_first = ", the first asked before the video" if first else ""
+        return f" (up to {turns} questions of one kind per offline sample{asked_first})"
+    return " (the question asked before the video)" if first else ""
 
 
 def write_model_card(root: str | Path, clips: int = 100, progress: bool = True,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..processing.templates import family_style
 from ..data.synthetic import QUESTION_STYLES
+from ..processing.templates import family_style
 from . import distributed
 from .trainer import TrainConfig, TrainResult, open_gates, train
 
