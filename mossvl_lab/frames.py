@@ -31,8 +31,28 @@ MASK_CONVENTION = {"mllama_vit": "mllama", "toy_conv": "mllama", "moss_vit": "mo
 
 
 def encode_new_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> NewFrames:
-    """Dispatch on the vision tower kind; `inputs` holds the processor's vision tensors by HF name."""
+    """Dispatch on the vision tower kind; `inputs` holds the processor's vision tensors by HF name, plus
+    `dedup_frames` (bool): encode each distinct frame once (see `distinct_rows`)."""
     return build("frames", model.config.vision.kind, model, inputs, chunk)
+
+
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [n, ...] -> (first [distinct]: the index of each distinct row's first occurrence, in order of first
+    occurrence; inverse [n]: which distinct row each row is). rows[first][inverse] == rows.
+
+    Why: the tower sees every frame on its own, so identical frames (a static scene between events, the zero
+    frames that pad a training batch) give identical states; encoding each once and indexing them back is the
+    same function with the same gradients (indexing sums a shared frame's gradient over its copies). In the
+    synthetic training batches two thirds of the frames repeat one already in the batch."""
+    flat = rows.reshape(rows.shape[0], -1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    order = torch.arange(flat.shape[0], device=flat.device)
+    first = torch.full((int(inverse.max()) + 1,), flat.shape[0], dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(0, inverse, order, reduce="amin")
+    by_first = torch.argsort(first)                      # renumber distinct rows by first occurrence
+    rank = torch.empty_like(by_first)
+    rank[by_first] = torch.arange(by_first.numel(), device=flat.device)
+    return first[by_first], rank[inverse]
 
 
 @register("frames", "mllama_vit")
@@ -40,7 +60,10 @@ def encode_new_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> 
 def _mllama_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> NewFrames:
     pixel_values = inputs["pixel_values"]
     ratio_ids, ratio_mask = inputs.get("aspect_ratio_ids"), inputs.get("aspect_ratio_mask")
-    states = model.encode_frames(pixel_values, ratio_ids, ratio_mask, chunk)  # [batch, frame, vis_per_frame, d]
+    if inputs.get("dedup_frames") and pixel_values.dim() == 6:
+        states = _encode_distinct_mllama_frames(model, pixel_values, ratio_ids, ratio_mask, chunk)
+    else:
+        states = model.encode_frames(pixel_values, ratio_ids, ratio_mask, chunk)  # [batch, frame, vis_per_frame, d]
     batch, count, per_frame = states.shape[:3]
     tiles = pixel_values.shape[2]
     device = states.device
@@ -52,6 +75,21 @@ def _mllama_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> New
     return NewFrames(states=states.flatten(1, 2), key_frame=key_frame.masked_fill(~key_valid, -1),
                      frame_valid=frame_valid, frame_span=torch.ones(batch, count, dtype=torch.long, device=device),
                      key_offsets=None)
+
+
+def _encode_distinct_mllama_frames(model: Any, pixel_values: torch.Tensor, ratio_ids: torch.Tensor | None,
+                                   ratio_mask: torch.Tensor | None, chunk: int | None) -> torch.Tensor:
+    """model.encode_frames over the distinct (pixels, aspect ratio id, tile mask) frames only.
+    pixel_values [batch, frame, tile, channel, H, W] -> [batch, frame, vis_per_frame, d_model]."""
+    batch, frames, tiles = pixel_values.shape[:3]
+    device = pixel_values.device
+    ids = ratio_ids if ratio_ids is not None else torch.ones(batch, frames, dtype=torch.long, device=device)
+    mask = ratio_mask if ratio_mask is not None else torch.ones(batch, frames, tiles, dtype=torch.long, device=device)
+    flat_pixels, flat_ids, flat_mask = pixel_values.flatten(0, 1), ids.flatten(), mask.flatten(0, 1)
+    keys = torch.cat([flat_pixels.flatten(1).float(), flat_ids[:, None].float(), flat_mask.float()], dim=1)
+    first, inverse = distinct_rows(keys)
+    states = model.encode_frames(flat_pixels[first][None], flat_ids[first][None], flat_mask[first][None], chunk)[0]
+    return states[inverse].view(batch, frames, *states.shape[1:])
 
 
 @register("frames", "moss_vit")
@@ -68,7 +106,9 @@ def _moss_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> NewFr
     frames_per_media = grid_thw[:, 0].tolist()
     tower = model.vision
     merge = tower.cfg.spatial_merge_size
-    per_frame_states = _encode_moss_frames(tower, pixel_values.to(model.embed_tokens.weight.dtype), frame_grids, chunk)
+    pixels = pixel_values.to(model.embed_tokens.weight.dtype)
+    encode = _encode_distinct_moss_frames if inputs.get("dedup_frames") else _encode_moss_frames
+    per_frame_states = encode(tower, pixels, frame_grids, chunk)
 
     items, start = [], 0
     for media in media_per_item:
@@ -104,10 +144,7 @@ def _encode_moss_frames(tower: Any, pixel_values: torch.Tensor, frame_grids: lis
                         chunk: int | None) -> list[torch.Tensor]:
     """Run the tower over frames in groups of `chunk` (frames never attend to each other, so grouping only
     bounds memory). Returns one [tokens, d_model] tensor per frame."""
-    patches = [h * w for h, w in frame_grids]
-    if sum(patches) != pixel_values.shape[0]:
-        raise ModelInputError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes "
-                              f"{sum(patches)}")
+    _patches_per_frame(pixel_values, frame_grids)  # raises on a grid / pixel count mismatch
     step = chunk or max(len(frame_grids), 1)
     out: list[torch.Tensor] = []
     offset = 0
@@ -119,6 +156,30 @@ def _encode_moss_frames(tower: Any, pixel_values: torch.Tensor, frame_grids: lis
         out.extend(result.states.split(list(result.tokens_per_frame)))
         offset += count
     return out
+
+
+def _encode_distinct_moss_frames(tower: Any, pixel_values: torch.Tensor, frame_grids: list[tuple[int, int]],
+                                 chunk: int | None) -> list[torch.Tensor]:
+    """_encode_moss_frames over the distinct frames only (same grid and patches); one [tokens, d_model] per frame."""
+    patches = _patches_per_frame(pixel_values, frame_grids)
+    per_frame = pixel_values.split(patches)
+    encoded: list[torch.Tensor | None] = [None] * len(frame_grids)
+    for grid in dict.fromkeys(frame_grids):  # frames of one grid compare as rows of one tensor
+        members = [i for i, g in enumerate(frame_grids) if g == grid]
+        first, inverse = distinct_rows(torch.stack([per_frame[i] for i in members]))
+        unique = [members[int(j)] for j in first]
+        states = _encode_moss_frames(tower, torch.cat([per_frame[i] for i in unique]), [grid] * len(unique), chunk)
+        for member, which in zip(members, inverse.tolist()):
+            encoded[member] = states[which]
+    return encoded  # type: ignore[return-value]
+
+
+def _patches_per_frame(pixel_values: torch.Tensor, frame_grids: list[tuple[int, int]]) -> list[int]:
+    patches = [h * w for h, w in frame_grids]
+    if sum(patches) != pixel_values.shape[0]:
+        raise ModelInputError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes "
+                              f"{sum(patches)}")
+    return patches
 
 
 def _thw_offsets(eh: int, ew: int, tokens: int, device: torch.device) -> torch.Tensor:

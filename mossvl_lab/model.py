@@ -71,7 +71,7 @@ class MossModel(nn.Module):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 state: StreamState | None = None, use_cache: bool | None = None,
                 frame_timestamps: list[float | None] | None = None,
-                vision_chunked_length: int | None = None) -> ModelOutput:
+                vision_chunked_length: int | None = None, dedup_frames: bool = False) -> ModelOutput:
         """Run the new tokens (and new frames) on top of `state`.
 
         input_ids [batch, pos]; pixel_values [batch, frame, tile, channel, H, W] (Mllama processor layout);
@@ -83,6 +83,8 @@ class MossModel(nn.Module):
         cross_attention_mask [batch, 1, text_pos, frame] (True = masked).
         vision_position_ids [batch, frame] placeholder positions of the new frames (default: found in the text).
         With `state` (or use_cache=True) the caches are extended in place and returned in the output.
+        dedup_frames: run the tower once per distinct frame (training batches repeat static frames); the same
+        logits and gradients, but hooks inside the tower then see only the distinct frames.
         """
         if state is None:
             state = StreamState()
@@ -93,7 +95,7 @@ class MossModel(nn.Module):
         try:
             vision_inputs = dict(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
                                  aspect_ratio_mask=aspect_ratio_mask, grid_thw=grid_thw,
-                                 media_nums_per_sample=media_nums_per_sample)
+                                 media_nums_per_sample=media_nums_per_sample, dedup_frames=dedup_frames)
             logits = self._forward(state, input_ids, inputs_embeds, vision_inputs, cross_attention_mask,
                                    attention_mask, position_ids, vision_position_ids, frame_timestamps,
                                    vision_chunked_length)

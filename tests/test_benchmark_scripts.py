@@ -51,3 +51,14 @@ def test_stop_latency_benchmark_prints_the_ratio_of_its_two_medians():
     assert found, out
     ours, both, ratio = map(float, found.groups())
     assert ratio == pytest.approx(both / ours, rel=0.1)  # printed times are rounded to 1 ms
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_prints_both_families_and_the_ratio_of_their_medians():
+    out = _run("train_step.py", "--rounds", "1", "--batch-size", "2", "--threads", "1")
+    rows = re.findall(r"^([\w-]+): batch 2 \| tower frames (\d+) -> (\d+) distinct \| distinct frames ([\d.]+) s/step "
+                      r"\| every frame ([\d.]+) s/step \| ratio ([\d.]+)x$", out, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["video-preview-tiny", "moss-vl-tiny"], out
+    for _, every_frame, distinct, ours, every, ratio in rows:
+        assert 0 < int(distinct) < int(every_frame)
+        assert float(ratio) == pytest.approx(float(every) / float(ours), rel=0.05, abs=0.02)

@@ -253,7 +253,7 @@ def _step(runner: Any, model: Any, optimizer: torch.optim.Optimizer, samples: li
     if cfg.decision_kinds == "go_on":
         decisions = go_on_decisions(decisions, labels, tokens.silence_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    logits = runner(**batch).logits
+    logits = runner(**batch, dedup_frames=True).logits  # static scenes repeat frames: each distinct one encoded once
     loss_sum, n_targets = weighted_lm_loss(logits, labels, tokens.silence_token_id, cfg.silence_weight,
                                            decisions, cfg.decision_weight, replies, cfg.reply_weight)
     total = distributed.all_reduce_sum(n_targets).clamp(min=1)
