@@ -63,24 +63,31 @@ def test_checkpoint_watches_the_frames(shipped):
     assert measured.event_recall >= 0.45 and measured.false_alarm_rate <= 0.1, f"{name}: {measured.summary()}"
 
 
-# The targets both shipped checkpoints reach today: kept for real, so a retrained checkpoint cannot lose them.
-MET_TARGETS = ("event_recall", "false_alarm_rate")
+# The targets each shipped checkpoint reaches today: kept for real, so a retrained checkpoint cannot lose them.
+MET_TARGETS = {"video-preview-tiny": ("event_recall", "false_alarm_rate", "caption_exact_match"),
+               "moss-vl-tiny": ("event_recall", "false_alarm_rate")}
 
 
 @pytest.mark.slow
 def test_checkpoint_keeps_the_targets_it_meets(shipped):
     name, model, card, measured = shipped
-    kept = [(t, value, met) for t, value, met in check_targets(measured, model.config.family) if t.metric in MET_TARGETS]
-    assert len(kept) == len(MET_TARGETS)
+    kept = [(t, value, met) for t, value, met in check_targets(measured, model.config.family)
+            if t.metric in MET_TARGETS[name]]
+    assert len(kept) == len(MET_TARGETS[name])
     lost = [f"{t.label} {value:.3f} (target {t.op} {t.value})" for t, value, met in kept if not met]
     assert not lost, f"{name} on {CI_CLIPS} held-out clips: {measured.summary()}"
 
 
+# Checkpoints that do not reach every target yet (issue 7; their cards give the numbers). Strict: the day one
+# does, its test fails until its name leaves this set.
+BELOW_TARGETS = {"moss-vl-tiny"}
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped checkpoints do not reach every benchmark target yet (caption EM, "
-                                       "timestamp QA: issue 7; their model cards give the numbers); strict: passing means remove this mark")
-def test_checkpoint_meets_the_benchmark_targets(shipped):
+def test_checkpoint_meets_the_benchmark_targets(shipped, request):
     name, model, card, measured = shipped
+    if name in BELOW_TARGETS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{name} misses a benchmark target (issue 7)"))
     missed = [f"{t.label} {value:.3f}" for t, value, met in check_targets(measured, model.config.family) if not met]
     assert not missed, f"{name} on {CI_CLIPS} held-out clips: {measured.summary()}"
 
