@@ -77,14 +77,23 @@ def _mllama_frames(model: Any, inputs: dict[str, Any], chunk: int | None) -> New
                      key_offsets=None)
 
 
-def _encode_distinct_mllama_frames(model: Any, pixel_values: torch.Tensor, ratio_ids: torch.Tensor | None,
-                                   ratio_mask: torch.Tensor | None, chunk: int | None) -> torch.Tensor:
-    """model.encode_frames over the distinct (pixels, aspect ratio id, tile mask) frames only.
-    pixel_values [batch, frame, tile, channel, H, W] -> [batch, frame, vis_per_frame, d_model]."""
+def single_tile_defaults(pixel_values: torch.Tensor, ratio_ids: torch.Tensor | None,
+                         ratio_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aspect_ratio_ids [batch, frame], aspect_ratio_mask [batch, frame, tile]) with the missing ones filled in
+    as one-tile frames (ratio id 1, every tile real). pixel_values [batch, frame, tile, channel, H, W]."""
     batch, frames, tiles = pixel_values.shape[:3]
     device = pixel_values.device
     ids = ratio_ids if ratio_ids is not None else torch.ones(batch, frames, dtype=torch.long, device=device)
     mask = ratio_mask if ratio_mask is not None else torch.ones(batch, frames, tiles, dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _encode_distinct_mllama_frames(model: Any, pixel_values: torch.Tensor, ratio_ids: torch.Tensor | None,
+                                   ratio_mask: torch.Tensor | None, chunk: int | None) -> torch.Tensor:
+    """model.encode_frames over the distinct (pixels, aspect ratio id, tile mask) frames only.
+    pixel_values [batch, frame, tile, channel, H, W] -> [batch, frame, vis_per_frame, d_model]."""
+    batch, frames = pixel_values.shape[:2]
+    ids, mask = single_tile_defaults(pixel_values, ratio_ids, ratio_mask)
     flat_pixels, flat_ids, flat_mask = pixel_values.flatten(0, 1), ids.flatten(), mask.flatten(0, 1)
     keys = torch.cat([flat_pixels.flatten(1).float(), flat_ids[:, None].float(), flat_mask.float()], dim=1)
     first, inverse = distinct_rows(keys)

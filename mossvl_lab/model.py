@@ -27,7 +27,7 @@ from .components.norms import RMSNorm
 from .components.rope import Rotation, build_rope
 from .config import ModelConfig
 from .registry import build
-from .frames import MASK_CONVENTION, NewFrames, encode_new_frames
+from .frames import MASK_CONVENTION, NewFrames, encode_new_frames, single_tile_defaults
 from .visibility import (ModelInputError, causal_allowed, check_no_stray_placeholders, cursor_positions,
                          frame_visibility_from_anchors, keys_from_frames, mllama_cross_mask, moss_cross_mask,
                          placeholder_anchors, placeholder_slots, placeholder_widths)
@@ -200,11 +200,8 @@ class MossModel(nn.Module):
         if pixel_values.dim() != 6:
             raise ModelInputError(f"pixel_values must be [batch, frame, tile, channel, height, width] (6-D); got "
                                   f"{pixel_values.dim()}-D shape {tuple(pixel_values.shape)}")
-        batch, frames, tiles = pixel_values.shape[:3]
-        if aspect_ratio_ids is None:
-            aspect_ratio_ids = torch.ones(batch, frames, dtype=torch.long, device=pixel_values.device)
-        if aspect_ratio_mask is None:
-            aspect_ratio_mask = torch.ones(batch, frames, tiles, dtype=torch.long, device=pixel_values.device)
+        frames = pixel_values.shape[1]
+        aspect_ratio_ids, aspect_ratio_mask = single_tile_defaults(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         pixel_values = pixel_values.to(self.embed_tokens.weight.dtype)
         step = chunk or frames
         parts = [self.vision(pixel_values[:, i:i + step], aspect_ratio_ids[:, i:i + step],
