@@ -62,3 +62,14 @@ def test_train_step_benchmark_prints_both_families_and_the_ratio_of_their_median
     for _, every_frame, distinct, ours, every, ratio in rows:
         assert 0 < int(distinct) < int(every_frame)
         assert float(ratio) == pytest.approx(float(every) / float(ours), rel=0.05, abs=0.02)
+
+
+@pytest.mark.slow
+def test_length_grouping_benchmark_pads_less_grouped_and_prints_the_ratio_of_its_medians():
+    out = _run("length_grouping.py", "--steps", "2", "--rounds", "1", "--batch-size", "2", "--threads", "1")
+    rows = re.findall(r"^([\w-]+): padding ([\d.]+)% -> ([\d.]+)%; s/step index order ([\d.]+), grouped ([\d.]+); "
+                      r"([\d.]+)x$", out, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["video-preview-tiny", "moss-vl-tiny"], out
+    for _, plain_pad, grouped_pad, plain, grouped, ratio in rows:
+        assert float(grouped_pad) <= float(plain_pad)  # sorted runs never pad more than index order
+        assert float(ratio) == pytest.approx(float(plain) / float(grouped), rel=0.05, abs=0.01)

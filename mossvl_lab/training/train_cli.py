@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="questions per offline QA sample (one kind per sample)")
     p.add_argument("--offline-question-first", action="store_true",
                    help="ask the (first) offline question before the video instead of after it")
+    p.add_argument("--group-by-length", type=int, default=d.group_by_length, metavar="STEPS",
+                   help="sort the samples of each window of STEPS steps by length into batches (less padding); 0 = off")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--train-seeds", default="", help="comma-separated fixed clip seeds (default: endless stream)")
     p.add_argument("--max-tokens-per-turn", type=int, default=d.max_tokens_per_turn)
@@ -142,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        offline_question_first=args.offline_question_first,
                        out_dir=args.out, log_every=args.log_every,
                        train_seeds=tuple(int(s) for s in args.train_seeds.split(",") if s.strip()),
-                       max_tokens_per_turn=args.max_tokens_per_turn)
+                       max_tokens_per_turn=args.max_tokens_per_turn, group_by_length=args.group_by_length)
 
 
 def _kind_weights(items: list[str]) -> tuple[tuple[str, float], ...]:

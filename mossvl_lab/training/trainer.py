@@ -29,6 +29,7 @@ from ..processing.templates import family_style
 from . import distributed
 from .batching import collate, go_on_decisions, weighted_lm_loss
 from .evaluate import default_frame_size, evaluate
+from .grouping import StepSamples
 from .metrics import Metrics
 from .streams import TrainingSample, offline_qa_sample, realtime_sample
 
@@ -76,6 +77,8 @@ class TrainConfig:
     log_every: int = 10
     train_seeds: tuple[int, ...] = ()        # fixed clip seeds to cycle through (overfitting, tests)
     max_tokens_per_turn: int = 64            # evaluation: per-turn token cap
+    # steps per window whose samples are sorted by length into batches (grouping.StepSamples); 0 = index order
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
@@ -83,7 +86,7 @@ class TrainConfig:
                   "silence_weight": self.silence_weight >= 0, "decision_weight": self.decision_weight >= 0,
                   "reply_weight": self.reply_weight >= 0,
                   "decision_kinds": self.decision_kinds in ("all", "go_on"),
-                  "eval_every": self.eval_every >= 0,
+                  "eval_every": self.eval_every >= 0, "group_by_length": self.group_by_length >= 0,
                   "eval_clips": 0 <= self.eval_clips <= len(EVAL_SEEDS), "log_every": self.log_every >= 1,
                   "clip_seconds": 1 <= self.clip_seconds[0] <= self.clip_seconds[1],
                   "offline_qa_fraction": 0 <= self.offline_qa_fraction <= 1,
@@ -193,7 +196,9 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=False)
     optimizer = _optimizer(model, cfg)
-    per_rank = cfg.batch_size // info.world_size
+    step_samples = StepSamples(lambda i: make_sample(i, cfg, processor, model_cfg, frame_size),
+                               batch_size=cfg.batch_size, steps=cfg.steps, window=cfg.group_by_length, seed=cfg.seed,
+                               rank=info.rank, world_size=info.world_size)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     history: list[dict[str, float]] = []
     evals: list[dict[str, Any]] = []
@@ -208,9 +213,7 @@ def train(model: Any, processor: Any, cfg: TrainConfig, *, progress: bool = True
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            first = step * cfg.batch_size + info.rank * per_rank
-            samples = [make_sample(i, cfg, processor, model_cfg, frame_size) for i in range(first, first + per_rank)]
-            loss, grad_norm, tokens = _step(runner, model, optimizer, samples, cfg, info, device)
+            loss, grad_norm, tokens = _step(runner, model, optimizer, step_samples(step), cfg, info, device)
             history.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens})
             if bar is not None:
                 bar.update(1)

@@ -32,7 +32,10 @@ def _first_step(run: Path) -> dict:
     return json.loads((run / "train_log.json").read_text())["history"][0]
 
 
-def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads):
+# grouped: two steps whose 8 samples are sorted by length into batches, so each rank must take its slice of a
+# reordered global batch
+@pytest.mark.parametrize("extra", [[], ["--steps", "2", "--group-by-length", "2"]], ids=["index_order", "grouped"])
+def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads, extra):
     repo = Path(ml.__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
@@ -41,14 +44,14 @@ def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads):
     two = tmp_path / "two"
     # --standalone: a private rendezvous on a free local port
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mossvl_lab.training.trainer", *ARGS, "--out", str(two)]
+               "-m", "mossvl_lab.training.trainer", *ARGS, *extra, "--out", str(two)]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     log = json.loads((two / "train_log.json").read_text())
     assert log["world_size"] == 2
 
     one = tmp_path / "one"
-    train_cli.main([*ARGS, "--out", str(one)])  # the same entry point, in this process: world size 1
+    train_cli.main([*ARGS, *extra, "--out", str(one)])  # the same entry point, in this process: world size 1
 
     assert abs(_first_step(two)["loss"] - _first_step(one)["loss"]) < 1e-6
     assert _first_step(two)["tokens"] == _first_step(one)["tokens"]
@@ -56,7 +59,7 @@ def test_two_process_step_equals_one_process_step(tmp_path, _restore_threads):
     assert _first_step(two)["grad_norm"] == pytest.approx(_first_step(one)["grad_norm"], rel=1e-5)
     after_two = ml.load_model(two, progress=False).state_dict()
     after_one = ml.load_model(one, progress=False).state_dict()
-    start = train_cli.build_from_args(train_cli.parse_args([*ARGS, "--out", str(one)]))[0].state_dict()
+    start = train_cli.build_from_args(train_cli.parse_args([*ARGS, *extra, "--out", str(one)]))[0].state_dict()
     moved = max(float((after_one[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-5, "the step must change the weights for the comparison to mean anything"
     for key, value in after_one.items():
