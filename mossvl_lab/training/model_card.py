@@ -63,7 +63,7 @@ that every notebook, widget and test has a model that actually watches the frame
   {log.get('machine', 'an unrecorded machine')}; final training loss {last_loss:.4f}.{note}
 - Training clips: seed `(seed * 7919 + i * 104729) mod 1_000_000` for global sample i, run seed {train['seed']}
   (model init uses the same seed); {train['steps']} steps of {train['batch_size']} clips of
-  {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
+  {train['clip_seconds'][0]}-{train['clip_seconds'][1]} s{_grouping(train)}; AdamW lr {train['lr']} (warmup {train['warmup_steps']},
   cosine to {train['min_lr_ratio']}x), events per second in training clips {train.get('event_rate', 0.25)}{_kinds(train)}{_questions(train)},
   silence weight {train['silence_weight']}{_decisions(train)}, offline QA share {train['offline_qa_fraction']}{_turns(train)}.
 - Real-time system prompt (saved in processor_config.json, used by every RealtimeSession on this checkpoint):
@@ -127,12 +127,17 @@ def _decisions(train: dict) -> str:
 
 def _questions(train: dict) -> str:
     extra = train.get("extra_questions", 0)
-    pairs = (", each clip streamed twice in a row, the second time asking about another shape"
+    pairs = (", each clip streamed twice, the second time asking about another shape"
              if train.get("question_pairs") else "")
     named = (", replies name the asked shape with a capital ('the Square is red'; scoring ignores case)"
              if train.get("question_style") == "named" else "")
     return (f", {1 + extra} mid-stream questions per training clip (evaluation clips ask one)" if extra else "") + \
         pairs + named
+
+
+def _grouping(train: dict) -> str:
+    window = train.get("group_by_length", 0)
+    return f" (each window of {window} steps sorted by length into batches)" if window else ""
 
 
 def _turns(train: dict) -> str:

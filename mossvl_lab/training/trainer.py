@@ -63,8 +63,9 @@ class TrainConfig:
     # relative odds of event kinds in TRAINING clips, e.g. (("move", 3.0),); () = uniform, as in evaluation
     event_kind_weights: tuple[tuple[str, float], ...] = ()
     extra_questions: int = 0                 # more mid-stream questions per TRAINING clip (evaluation asks one)
-    # each training clip twice in a row, the second time asking about another shape at the same frame: the two
-    # streams differ only where the answer depends on which shape was asked, so their losses teach that link
+    # each training clip twice (samples 2k and 2k + 1), the second time asking about another shape at the same
+    # frame: the two streams differ only where the answer depends on which shape was asked, so their losses teach
+    # that link
     question_pairs: bool = False
     question_style: str = "plain"            # synthetic.QUESTION_STYLES; evaluation expects the trained style
     frame_size: int | None = None            # rendered frame side; None = what the processor feeds the tower

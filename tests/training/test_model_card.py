@@ -30,6 +30,9 @@ def test_card_names_training_only_choices(tmp_path):
     assert "replies to mid-stream questions weighted 3" in card(tmp_path, reply_weight=3.0)
     assert "streamed twice" not in plain and "the second time asking about another shape" in card(
         tmp_path, question_pairs=True)
+    assert "sorted by length" not in plain
+    assert "8-20 s (each window of 8 steps sorted by length into batches)" in card(
+        tmp_path, group_by_length=8)
 
 
 def test_card_splits_caption_exact_match_by_reply_targets(tmp_path):
