@@ -12,36 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-import mossvl_lab as ml
-from mossvl_lab.training import trainer
-from mossvl_lab.training.batching import collate, weighted_lm_loss
 from mossvl_lab.training.grouping import group_by_length
-
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-RECIPES = {"video-preview-tiny": {}, "moss-vl-tiny": {"offline_qa_fraction": 0.3, "offline_qa_turns": 4}}
+from shipped_recipes import RECIPES, load_with_samples, model_inputs, step_seconds
 
 
 def run_batches(model, optimizer, batches) -> float:
     """Median seconds of one training step over `batches` (lists of samples)."""
-    times = []
-    for samples in batches:
-        inputs = collate(samples, model.config.family, model.config.tokens.pad_token_id)
-        labels = inputs.pop("labels")
-        inputs.pop("decisions"), inputs.pop("replies")
-        started = time.perf_counter()
-        loss_sum, count = weighted_lm_loss(model(**inputs, dedup_frames=True).logits, labels,
-                                           model.config.tokens.silence_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        (loss_sum / count).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(step_seconds(model, optimizer, *model_inputs(model, samples)) for samples in batches)
 
 
 def padding_share(batches) -> float:
@@ -58,13 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for name, recipe in RECIPES.items():
-        model = ml.load_model(CHECKPOINTS / name, progress=False).train()
-        processor = ml.load_processor(CHECKPOINTS / name)
-        cfg = trainer.TrainConfig(event_rate=0.4, batch_size=args.batch_size, **recipe)
-        size = trainer.default_frame_size(processor)
-        samples = [trainer.make_sample(i, cfg, processor, model.config, size)
-                   for i in range(args.steps * args.batch_size)]
+    for name in RECIPES:
+        model, samples = load_with_samples(name, args.batch_size, args.steps * args.batch_size)
         index_order = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
         grouped = [[samples[i] for i in batch] for batch in
                    group_by_length([len(s.input_ids) for s in samples], args.batch_size, np.random.default_rng(0))]

@@ -12,27 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
-import mossvl_lab as ml
-from mossvl_lab.training import trainer
-from mossvl_lab.training.batching import collate, weighted_lm_loss
-
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-RECIPES = {"video-preview-tiny": {}, "moss-vl-tiny": {"offline_qa_fraction": 0.3, "offline_qa_turns": 4}}
-
-
-def step_seconds(model, optimizer, batch, labels, dedup: bool) -> float:
-    started = time.perf_counter()
-    logits = model(**batch, dedup_frames=dedup).logits
-    loss_sum, count = weighted_lm_loss(logits, labels, model.config.tokens.silence_token_id)
-    optimizer.zero_grad(set_to_none=True)
-    (loss_sum / count).backward()
-    optimizer.step()
-    return time.perf_counter() - started
+from shipped_recipes import RECIPES, load_with_samples, model_inputs, step_seconds
 
 
 def main() -> None:
@@ -42,15 +25,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for name, recipe in RECIPES.items():
-        model = ml.load_model(CHECKPOINTS / name, progress=False).train()
-        processor = ml.load_processor(CHECKPOINTS / name)
-        cfg = trainer.TrainConfig(event_rate=0.4, batch_size=args.batch_size, **recipe)
-        samples = [trainer.make_sample(i, cfg, processor, model.config, trainer.default_frame_size(processor))
-                   for i in range(args.batch_size)]
-        batch = collate(samples, model.config.family, model.config.tokens.pad_token_id)
-        labels = batch.pop("labels")
-        batch.pop("decisions"), batch.pop("replies")
+    for name in RECIPES:
+        model, samples = load_with_samples(name, args.batch_size, args.batch_size)
+        batch, labels = model_inputs(model, samples)
         frames: list[int] = []  # frames the tower is called on (MOSS-VL: one grid_thw row each)
         model.vision.register_forward_pre_hook(
             lambda _m, args: frames.append(int(args[1].shape[0]) if args[0].dim() == 2 else args[0].shape[:2].numel()))
