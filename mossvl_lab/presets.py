@@ -130,7 +130,7 @@ def _chatml_tokens(vocab_size: int) -> TokenConfig:
 
 @_preset("moss-vl-tiny")
 def _moss_vl_tiny() -> ModelConfig:
-    """MOSS-VL at toy size: 8 decoder layers (cross at 2 and 6, the S,S,X,S rhythm), 16-px patches merged 2x2."""
+    """MOSS-VL at toy size: 8 decoder layers (cross at 2 and 6, the S,S,X,S rhythm), 8-px patches merged 2x2."""
     vision = MossVisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
                               num_position_embeddings=64, deepstack_visual_indexes=(1, 2))
     text = TextConfig(vocab_size=640, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32,
