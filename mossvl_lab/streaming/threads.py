@@ -55,8 +55,11 @@ CONFIG_KEYS = ("initial_prompt", "system_prompt", "frame_queue_size", "max_token
 FRAME_KEYS = ("frame", "timestamp", "prompt", "drop_oldest")
 
 
-def _release_memory() -> None:
-    gc.collect()
+def _release_memory(collect: bool = True) -> None:
+    """Free what a finished loop held: a full gc.collect (only when asked: in a big heap, a long notebook or test
+    run, it takes ~seconds, and a stop waits for it), then the CUDA cache."""
+    if collect:
+        gc.collect()
     try:
         import torch
         if torch.cuda.is_available():
@@ -209,15 +212,16 @@ _NOTHING = object()  # "no message yet" from a queue read that timed out
 def stop_real_time_generate(model: Any) -> bool:
     """Stop every `real_time_generate` / `online_generate` loop running on `model` (from any thread, also while
     parked waiting for input) and release cached memory (gc, CUDA cache). Each loop closes its session, sends
-    "<|round_end|>", releases memory and returns. Returns False when no loop was running (nothing is remembered
+    "<|round_end|>", drops the session (freed at once by reference counting; a full gc.collect runs only if a
+    reference cycle keeps it), empties the CUDA cache and returns. Returns False when no loop was running (nothing is remembered
     for later; memory is then released here)."""
     with _running_lock:
         flags = list(_running.get(model, ()))
     for flag in flags:
         flag.set()
     if not flags:
-        # with loops running their sessions are still alive: a collection here frees nothing and, competing with
-        # each loop's own for the GIL, doubles how long a stop takes in a large heap (benchmarks/stop_latency.py)
+        # with loops running their sessions are still alive: a collection here would free nothing and, in a large
+        # heap, cost the stop ~seconds (benchmarks/stop_latency.py)
         _release_memory()
     return bool(flags)
 
@@ -243,12 +247,15 @@ def _serve(model: Any, out: Any, make: Callable[[threading.Event], ThreadedSessi
             return
         pump(threaded, stop)
     finally:
+        session = None
         if threaded is not None:
             threaded.close(timeout=None)  # the worker ends after its current step and sends "<|round_end|>"
+            session = weakref.ref(threaded.session)
         with _running_lock:
             _running.get(model, set()).discard(stop)
         del threaded
-        _release_memory()
+        # refcounting has freed the session unless a cycle keeps it (a failure's traceback): only then collect
+        _release_memory(collect=session is not None and session() is not None)
 
 
 def _feed(threaded: ThreadedSession, out: Any, stop: threading.Event, push: Callable[[], Any]) -> bool:

@@ -3,9 +3,11 @@ stop/close from any state, errors that become "[ERROR] ..." lines, and no thread
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -364,12 +366,13 @@ def test_stop_real_time_generate_from_another_thread_while_parked():
 
 
 def test_a_stop_leaves_the_memory_release_to_the_loops_it_stops(monkeypatch):
-    """The loop releases memory once, after dropping its session; the stopping thread does not collect too (a
-    second gc.collect while the session is still alive frees nothing and doubles a stop's time in a big heap).
-    With no loop running, the stop releases memory itself."""
+    """The loop releases memory once, after dropping its session, without a full collection (reference counting
+    already freed the session); the stopping thread does not collect (a gc.collect while the session is still
+    alive frees nothing and, in a big heap, costs the stop ~seconds). With no loop running, the stop collects."""
     from mossvl_lab.streaming import threads
     released = []
-    monkeypatch.setattr(threads, "_release_memory", lambda: released.append(threading.current_thread().name))
+    monkeypatch.setattr(threads, "_release_memory",
+                        lambda collect=True: released.append((threading.current_thread().name, collect)))
     model, processor = _setup("video-preview-tiny")
     token_queue = queue.Queue()
     worker = threading.Thread(target=model.real_time_generate, name="the-loop",
@@ -381,9 +384,66 @@ def test_a_stop_leaves_the_memory_release_to_the_loops_it_stops(monkeypatch):
     stopper.start()
     stopper.join(timeout=5)
     worker.join(timeout=5)
-    assert not worker.is_alive() and released == ["the-loop"]
+    assert not worker.is_alive() and released == [("the-loop", False)]
     assert threads.stop_real_time_generate(model) is False
-    assert released == ["the-loop", threading.current_thread().name]
+    assert released == [("the-loop", False), (threading.current_thread().name, True)]
+
+
+def _recording_sessions(monkeypatch):
+    """Patch `threads.ThreadedSession` to keep a weak reference to every engine session it builds."""
+    from mossvl_lab.streaming import threads
+    sessions = []
+
+    class Recorded(ThreadedSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(weakref.ref(self.session))
+
+    monkeypatch.setattr(threads, "ThreadedSession", Recorded)
+    return sessions
+
+
+def _counting_collections(monkeypatch):
+    calls, collect = [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(args) or collect(*args))
+    return calls
+
+
+def test_a_stopped_loop_frees_its_session_by_reference_counting_alone(monkeypatch):
+    """After a loop that spoke (its caches filled) is stopped, its session is gone with the collector disabled and
+    no gc.collect was run: nothing in the loop keeps it in a reference cycle."""
+    sessions, collections = _recording_sessions(monkeypatch), _counting_collections(monkeypatch)
+    model, processor = _setup("video-preview-tiny")
+    image_queue, token_queue = queue.Queue(), queue.Queue()
+    image_queue.put(_pil("video-preview-tiny"))
+    worker = threading.Thread(target=real_time_generate, args=(model, image_queue, queue.Queue(), token_queue,
+                                                              processor), kwargs={"policy": AlwaysSpeakPolicy()})
+    gc.disable()
+    try:
+        worker.start()
+        _wait(lambda: token_queue.qsize() >= 3)
+        assert stop_real_time_generate(model)
+        worker.join(timeout=5)
+        assert not worker.is_alive() and len(sessions) == 1
+        assert sessions[0]() is None and collections == []
+    finally:
+        gc.enable()
+
+
+def test_a_failed_loop_whose_traceback_keeps_its_session_is_collected(monkeypatch):
+    """A failure stores its exception (traceback -> frames -> session): a cycle, so then the loop collects."""
+    from mossvl_lab.streaming import threads
+    monkeypatch.setattr(threads.logger, "disabled", True)  # pytest's log capture would keep the traceback alive
+    sessions, collections = _recording_sessions(monkeypatch), _counting_collections(monkeypatch)
+    model, processor = _setup("video-preview-tiny")
+    image_queue = queue.Queue()
+    image_queue.put(_pil("video-preview-tiny"))
+    worker = threading.Thread(target=real_time_generate, args=(model, image_queue, queue.Queue(), queue.Queue(),
+                                                              processor),
+                              kwargs={"policy": _Boom(model.config.tokens.silence_token_id, at=2)})
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and len(collections) == 1 and sessions[0]() is None
 
 
 def test_errors_inside_the_loop_become_error_lines_and_never_hang_the_consumer():
