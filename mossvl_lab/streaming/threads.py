@@ -211,10 +211,10 @@ _NOTHING = object()  # "no message yet" from a queue read that timed out
 
 def stop_real_time_generate(model: Any) -> bool:
     """Stop every `real_time_generate` / `online_generate` loop running on `model` (from any thread, also while
-    parked waiting for input) and release cached memory (gc, CUDA cache). Each loop closes its session, sends
-    "<|round_end|>", drops the session (freed at once by reference counting; a full gc.collect runs only if a
-    reference cycle keeps it), empties the CUDA cache and returns. Returns False when no loop was running (nothing is remembered
-    for later; memory is then released here)."""
+    parked waiting for input). Each loop closes its session, sends "<|round_end|>", drops the session (freed at
+    once by reference counting; a full gc.collect runs only if a reference cycle keeps it), empties the CUDA cache
+    and returns. Returns False when no loop was running (nothing is remembered for later; gc and the CUDA cache
+    are then released here)."""
     with _running_lock:
         flags = list(_running.get(model, ()))
     for flag in flags:
