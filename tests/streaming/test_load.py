@@ -110,8 +110,9 @@ def test_30fps_producer_into_a_2_steps_per_second_session_for_20s(one_torch_thre
     pusher.start()
     time.sleep(0.05)
     started = time.monotonic()
-    # the step in progress (0.5 s of policy + a forward) ends first; a close that drained the ~1000 queued late
-    # prompts would take minutes, so 2 s still tells them apart on a starved CI machine (1 s failed there once)
+    # the step in progress (0.5 s of policy + a forward) ends first; a close that drained the late prompts queued
+    # in the 50 ms before it (dozens, 0.5 s each) would take many seconds, so 2 s still tells them apart on a
+    # starved CI machine (1 s failed there once)
     assert session.close(timeout=2.0)
     assert time.monotonic() - started < 2.0
     pusher.join(timeout=2)
