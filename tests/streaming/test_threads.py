@@ -20,6 +20,7 @@ from mossvl_lab.streaming.inputs import FrameInputError
 from mossvl_lab.streaming.policies import AlwaysSpeakPolicy, TeacherForcedPolicy
 from mossvl_lab.streaming.session import FrameTimestampError, SessionClosedError
 from mossvl_lab.streaming.protocol import ROUND_END, ROUND_START, SILENCE, OutputProtocol, QueueMessageError
+from mossvl_lab.streaming import threads
 from mossvl_lab.streaming.threads import (THREAD_NAME, ThreadedSession, online_generate, real_time_generate,
                                           stop_real_time_generate)
 
@@ -369,7 +370,6 @@ def test_a_stop_leaves_the_memory_release_to_the_loops_it_stops(monkeypatch):
     """The loop releases memory once, after dropping its session, without a full collection (reference counting
     already freed the session); the stopping thread does not collect (a gc.collect while the session is still
     alive frees nothing and, in a big heap, costs the stop ~seconds). With no loop running, the stop collects."""
-    from mossvl_lab.streaming import threads
     released = []
     monkeypatch.setattr(threads, "_release_memory",
                         lambda collect=True: released.append((threading.current_thread().name, collect)))
@@ -391,7 +391,6 @@ def test_a_stop_leaves_the_memory_release_to_the_loops_it_stops(monkeypatch):
 
 def _recording_sessions(monkeypatch):
     """Patch `threads.ThreadedSession` to keep a weak reference to every engine session it builds."""
-    from mossvl_lab.streaming import threads
     sessions = []
 
     class Recorded(ThreadedSession):
@@ -432,7 +431,6 @@ def test_a_stopped_loop_frees_its_session_by_reference_counting_alone(monkeypatc
 
 def test_a_failed_loop_whose_traceback_keeps_its_session_is_collected(monkeypatch):
     """A failure stores its exception (traceback -> frames -> session): a cycle, so then the loop collects."""
-    from mossvl_lab.streaming import threads
     monkeypatch.setattr(threads.logger, "disabled", True)  # pytest's log capture would keep the traceback alive
     sessions, collections = _recording_sessions(monkeypatch), _counting_collections(monkeypatch)
     model, processor = _setup("video-preview-tiny")
